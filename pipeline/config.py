@@ -1,0 +1,205 @@
+"""One typed configuration tree for the whole pipeline.
+
+A config is built from three layers, later ones winning: the defaults below (the embedded demo:
+synthetic data, local Ray, local MLflow store), an optional YAML preset, and dotted
+``key=value`` overrides from the command line. Validation is strict: unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the key, the value and what is allowed,
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and how to fix it."""
+
+
+class _Section(BaseModel):
+    # strict: "5" is not an int and true is not a number; extra=forbid: typos are errors.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class SyntheticConfig(_Section):
+    """The deterministic flower-like generator used by the demo and the tests."""
+
+    num_classes: int = Field(5, ge=2, le=8, description="number of flower kinds (2..8)")
+    images_per_class: int = Field(120, ge=4, le=100_000)
+    image_size: int = Field(96, ge=32, le=1024, description="size the images are drawn at")
+
+
+class DataConfig(_Section):
+    source: Literal["tf_flowers", "flowers102", "folder", "synthetic"] = "synthetic"
+    path: str | None = Field(
+        None,
+        description="tf_flowers: flower_photos/ dir, .tgz or URL (default: official URL); "
+        "flowers102: dir with jpg/, imagelabels.mat, setid.mat (default: download); "
+        "folder: class-per-folder tree (required); synthetic: where to draw the images "
+        "(default <output_dir>/synthetic_source)",
+    )
+    cache_dir: str = Field("~/.cache/flower-distill", description="downloads and extracted archives")
+    image_size: int = Field(64, ge=8, le=2048, description="stored size: images are H = W = image_size")
+    resize_mode: Literal["squash", "short_side_crop"] = "squash"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 42
+    rows_per_shard: int = Field(1000, ge=1, description="at most this many images per Parquet file")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1 (got {self.val_fraction} + "
+                f"{self.test_fraction}); nothing would be left to train on"
+            )
+        if self.source == "folder" and not self.path:
+            raise ValueError("source 'folder' needs data.path=DIR (a class-per-folder tree)")
+        return self
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None: start/join a local Ray; 'auto' or ray://host:port")
+    num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or ./mlruns.db")
+    experiment: str = Field("flower-distill", min_length=1)
+
+
+class PipelineConfig(_Section):
+    output_dir: str = "outputs"
+    data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"override '{dotted}': '{'.'.join(keys[: i + 1])}' is a value, not a section"
+            )
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is read as YAML (``64`` int, ``0.1`` float, ``null``, ``[1,2]``)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' is not of the form dotted.key=value (e.g. data.image_size=64)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"  {key}: unknown key"
+            if hint:
+                msg += f" (did you mean '{'.'.join(map(str, loc[:-1] + (hint[0],)))}'?)"
+            msg += f"; allowed keys here: {', '.join(allowed)}"
+        else:
+            text = e["msg"].removeprefix("Value error, ")
+            msg = f"  {key}: {text}; got {e.get('input')!r}"
+            ctx = e.get("ctx") or {}
+            if "expected" in ctx and str(ctx["expected"]) not in text:
+                msg += f" (allowed: {ctx['expected']})"
+        lines.append(msg)
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Defaults, then the YAML preset at ``path`` (if any), then ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (presets live in configs/)")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+        tree = loaded
+        source = str(path)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source += " + overrides " + " ".join(overrides)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable sha256 over JSON-serialisable parts (config sections, file listings)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, BaseModel):
+            part = to_dict(part)
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params and sweep spaces)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

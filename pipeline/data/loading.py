@@ -1,0 +1,118 @@
+"""Shards -> tensors for a training worker.
+
+Flowers datasets are a few thousand images, so a worker reads its part of a split once, straight
+from Parquet with pyarrow, into one uint8 N x H x W x 3 tensor (moved to the GPU when there is
+one) and never decodes again. :func:`stream_split` keeps a Ray Data path for data that does not
+fit in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import storage
+from pipeline.data.sources import DataError
+
+
+@dataclass
+class SplitTensors:
+    images: torch.Tensor  # uint8, N x H x W x 3
+    labels: torch.Tensor  # int64, N
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def read_manifest(shard_dir: str) -> dict:
+    path = storage.join(shard_dir, "manifest.json")
+    if not storage.exists(path):
+        raise DataError(f"{shard_dir} holds no complete preprocessed dataset (manifest.json missing); run `python -m pipeline preprocess` first")
+    return storage.read_json(path)
+
+
+def _gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows ``order`` of a column of fixed-size binary cells -> one (len(order), *shape) uint8 array.
+
+    Each chunk's data buffer is viewed in place and scattered straight to its rows' destinations:
+    one copy in all (large copies are what the load costs, not Python).
+    """
+    row = int(np.prod(shape))
+    out = np.empty((len(order), row), dtype=np.uint8)
+    dest_of = np.full(len(column), -1, dtype=np.int64)
+    dest_of[order] = np.arange(len(order))
+    start = 0
+    for chunk in column.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
+        if not np.all(np.diff(offsets) == row):
+            raise DataError(f"shard holds images of another size than the manifest's {shape}; rebuild with --force")
+        data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(n, row)
+        dest = dest_of[start : start + n]
+        keep = dest >= 0
+        if keep.all():
+            out[dest] = data
+        elif keep.any():
+            out[dest[keep]] = data[keep]
+        start += n
+    return out.reshape(len(order), *shape)
+
+
+def load_split(
+    shard_dir: str,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+) -> SplitTensors:
+    """Rows ``rank::world_size`` of ``split`` (in path order, so every rank agrees) as tensors.
+
+    ``world_size=1`` gives the whole split. The parts of different ranks are disjoint and
+    together cover the split.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    manifest = read_manifest(shard_dir)
+    shape = tuple(manifest["image_shape"])
+    files = storage.list_files(storage.join(shard_dir, split), ".parquet")
+    if not files:
+        empty = torch.zeros((0, *shape), dtype=torch.uint8, device=device)
+        return SplitTensors(empty, torch.zeros(0, dtype=torch.int64, device=device), [])
+    fs, _ = storage.resolve(shard_dir)
+    table = pq.ParquetDataset([storage.resolve(f)[1] for f in files], filesystem=fs, memory_map=not storage.is_uri(shard_dir)).read(
+        columns=["path", "label", "image"]
+    )
+    paths = np.asarray(table["path"].to_pylist(), dtype=object)
+    order = np.argsort(paths, kind="stable")[rank::world_size]
+    images = _gather_binary(table["image"], order, shape)
+    labels = table["label"].to_numpy()[order].astype(np.int64)
+    return SplitTensors(
+        torch.from_numpy(images).to(device),
+        torch.from_numpy(labels).to(device),
+        [str(p) for p in paths[order]],
+    )
+
+
+def stream_split(shard_dir: str, split: str):
+    """A Ray Data dataset over ``split`` (columns image, label, path) for data that does not fit in memory."""
+    import ray
+
+    manifest = read_manifest(shard_dir)
+    shape = tuple(manifest["image_shape"])
+
+    def to_arrays(batch):
+        return {
+            "image": np.stack([np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in batch["image"]]),
+            "label": batch["label"].astype(np.int64),
+        }
+
+    return ray.data.read_parquet(storage.join(shard_dir, split)).map_batches(to_arrays, batch_format="numpy")

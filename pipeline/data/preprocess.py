@@ -1,0 +1,215 @@
+"""The Ray Data job that turns image files into Parquet shards of fixed-size uint8 tensors.
+
+Layout of one preprocessed dataset (content-addressed by a fingerprint of the source files and
+of the data config, so identical inputs reuse it)::
+
+    <output_dir>/shards/<fingerprint[:16]>/
+        train/*.parquet   val/*.parquet   test/*.parquet   (columns: image, label, path)
+        manifest.json     (written last: a directory without it is incomplete)
+        config.yaml
+
+``image`` is the raw H x W x 3 uint8 pixel buffer of each image (``binary``), so a worker reads
+a split into one array without decoding anything again.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import PipelineConfig, fingerprint, to_dict, to_yaml
+from pipeline.data.images import load_image
+from pipeline.data.sources import SPLITS, DataError, SourceListing, resolve_source
+
+FORMAT_VERSION = 1
+# The data-config keys that change what is stored (cache_dir, for one, does not).
+_STORED_KEYS = ("source", "image_size", "resize_mode", "val_fraction", "test_fraction", "seed", "synthetic")
+
+
+def fixed_size_binary_column(rows: np.ndarray):
+    """(N, K) uint8 rows -> an Arrow ``binary`` array without copying (one cell of K bytes per row)."""
+    import pyarrow as pa
+
+    rows = np.ascontiguousarray(rows)
+    n, k = rows.shape
+    large = (n + 1) * k >= 2**31  # 32-bit offsets cannot address more than 2 GiB
+    offsets = np.arange(0, (n + 1) * k, k, dtype=np.int64 if large else np.int32)
+    kind = pa.large_binary() if large else pa.binary()
+    return pa.BinaryArray.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(rows)])
+
+
+def decode_and_write(batch: dict[str, np.ndarray], size: int, mode: str, target: str) -> dict[str, np.ndarray]:
+    """Ray Data UDF: decode a batch of files and write its images as one Parquet file per split.
+
+    Only per-file metadata (path, label, split, error) comes back to the driver. Writing here,
+    rather than returning pixels to ``Dataset.write_parquet``, keeps hundreds of MB of pixels out
+    of Ray's object store: measured on 2 CPUs and 3,119 photos at 224 px, the object-store route
+    (decode -> write_parquet with partition_cols) took ~15 s, slower than one plain PIL process.
+    A file that fails to decode keeps its metadata row with the reason: skipped, counted, listed.
+    """
+    import pyarrow as pa
+
+    paths = [str(p) for p in batch["path"]]
+    splits = [str(s) for s in batch["split"]]
+    labels = batch["label"].astype(np.int64)
+    errors = [""] * len(paths)
+    pixels = np.empty((len(paths), size * size * 3), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            pixels[i] = load_image(path, size, mode).reshape(-1)
+        except Exception as exc:  # corrupt/truncated/unknown format: counted, never fatal
+            errors[i] = f"{type(exc).__name__}: {exc}"[:300]
+    # The name depends only on the batch's files, so a retried task overwrites its own output.
+    name = hashlib.sha1("\0".join(paths).encode()).hexdigest()[:16]
+    fs, root = storage.resolve(target)
+    for split in sorted(set(splits)):
+        rows = np.array([i for i in range(len(paths)) if splits[i] == split and not errors[i]], dtype=np.int64)
+        if rows.size == 0:
+            continue
+        table = pa.table(
+            {
+                "image": fixed_size_binary_column(pixels if rows.size == len(paths) else pixels[rows]),
+                "label": pa.array(labels[rows], type=pa.int64()),
+                "path": pa.array([paths[i] for i in rows], type=pa.string()),
+            }
+        )
+        fs.create_dir(f"{root}/{split}", recursive=True)
+        # Pixels neither compress nor dictionary-encode usefully; skipping both makes the write ~7x
+        # and the read ~40x faster (measured on 78 MB of 224 px images).
+        pq.write_table(
+            table,
+            f"{root}/{split}/part-{name}.parquet",
+            filesystem=fs,
+            compression="none",
+            use_dictionary=["path"],
+            write_statistics=["label"],
+        )
+    return {
+        "path": np.array(paths, dtype=object),
+        "label": labels,
+        "split": np.array(splits, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def shard_dir_for(cfg: PipelineConfig, listing: SourceListing) -> tuple[str, str]:
+    """The content-addressed output directory and the full fingerprint."""
+    data = to_dict(cfg.data)
+    fp = fingerprint({k: data[k] for k in _STORED_KEYS}, listing.fingerprint(), FORMAT_VERSION)
+    return storage.join(cfg.output_dir, "shards", fp[:16]), fp
+
+
+def _write_shards(listing: SourceListing, cfg: PipelineConfig, target: str) -> tuple[list[dict], dict]:
+    """Run the Ray Data job into ``target``; return the skipped files (with reasons) and per-split counts."""
+    import ray
+
+    records = [{"path": it.path, "label": it.label, "split": it.split} for it in listing.items]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # Batches small enough that every CPU of the cluster gets a few, never above rows_per_shard.
+    per_batch = max(1, min(cfg.data.rows_per_shard, -(-len(records) // (cpus * 4))))
+    ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // per_batch)))
+    ds = ds.map_batches(
+        decode_and_write,
+        fn_kwargs={"size": cfg.data.image_size, "mode": cfg.data.resize_mode, "target": target},
+        batch_size=per_batch,
+        batch_format="numpy",
+    )
+    rows = ds.take_all()
+    skipped = sorted(({"path": r["path"], "reason": r["error"]} for r in rows if r["error"]), key=lambda s: s["path"])
+    counts = {s: {c: 0 for c in listing.class_names} for s in SPLITS}
+    for r in rows:
+        if not r["error"]:
+            counts[r["split"]][listing.class_names[int(r["label"])]] += 1
+    return skipped, counts
+
+
+def preprocess(cfg: PipelineConfig, force: bool = False, log=print) -> dict[str, Any]:
+    """Build (or reuse) the shards for ``cfg.data``; return the stage result."""
+    from pipeline.cluster import init_ray
+
+    started = time.time()
+    listing = resolve_source(cfg.data, cfg.output_dir)
+    dest, fp = shard_dir_for(cfg, listing)
+    manifest_path = storage.join(dest, "manifest.json")
+    if storage.exists(manifest_path) and not force:
+        manifest = storage.read_json(manifest_path)
+        log(f"preprocess: reusing {dest} (same source files and data config; --force rebuilds)")
+        return _result(cfg, dest, manifest, reused=True, seconds=time.time() - started)
+
+    init_ray(cfg.ray)
+    local = not storage.is_uri(dest)
+    # Write aside and rename into place locally; object stores have no atomic rename, so there the
+    # manifest, written last, is the completion marker.
+    work = storage.join(cfg.output_dir, "shards", f".{fp[:16]}.partial-{uuid.uuid4().hex[:8]}") if local else dest
+    if local:  # partial copies left by a killed run of the same dataset
+        for stale in glob.glob(os.path.join(os.path.dirname(dest), f".{fp[:16]}.partial-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+    else:
+        storage.delete_dir(dest)
+    log(f"preprocess: decoding {len(listing.items)} images from {listing.root} with Ray Data -> {dest}")
+    try:
+        skipped, counts = _write_shards(listing, cfg, work)
+        files = {
+            split: [os.path.relpath(f, work) if local else f for f in storage.list_files(storage.join(work, split), ".parquet")]
+            for split in SPLITS
+        }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "class_names": listing.class_names,
+            "num_classes": len(listing.class_names),
+            "image_size": cfg.data.image_size,
+            "image_shape": [cfg.data.image_size, cfg.data.image_size, 3],
+            "dtype": "uint8",
+            "resize_mode": cfg.data.resize_mode,
+            "source": {"kind": cfg.data.source, "root": listing.root, "fingerprint": listing.fingerprint()},
+            "config_fingerprint": fp,
+            "counts": counts,
+            "split_sizes": {s: sum(counts[s].values()) for s in SPLITS},
+            "files": files,
+            "skipped": skipped,
+            "num_skipped": len(skipped),
+            "num_ignored_non_images": len(listing.ignored),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        storage.write_text(storage.join(work, "config.yaml"), to_yaml(cfg))
+        storage.write_json(storage.join(work, "manifest.json"), manifest)
+        if local:
+            if os.path.isdir(dest):  # --force: swap the old copy out only once the new one is complete
+                old = f"{dest}.old-{uuid.uuid4().hex[:8]}"
+                os.rename(dest, old)
+                os.rename(work, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(work, dest)
+    except BaseException:
+        if local:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if skipped:
+        log(f"preprocess: skipped {len(skipped)} unreadable file(s); see 'skipped' in {manifest_path}")
+    return _result(cfg, dest, manifest, reused=False, seconds=time.time() - started)
+
+
+def _result(cfg: PipelineConfig, dest: str, manifest: dict, reused: bool, seconds: float) -> dict[str, Any]:
+    if sum(manifest["split_sizes"].values()) == 0:
+        raise DataError(f"no image in {manifest['source']['root']} could be decoded; see 'skipped' in {dest}/manifest.json")
+    return {
+        "stage": "preprocess",
+        "shard_dir": dest,
+        "manifest": storage.join(dest, "manifest.json"),
+        "reused": reused,
+        "split_sizes": manifest["split_sizes"],
+        "counts": manifest["counts"],
+        "class_names": manifest["class_names"],
+        "num_skipped": manifest["num_skipped"],
+        "seconds": round(seconds, 2),
+    }

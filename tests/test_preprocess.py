@@ -1,0 +1,146 @@
+"""The Ray Data stage on a local Ray: exact round-trip, manifest, reuse, --force, interruption."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main as cli_main
+from pipeline.config import load_config
+from pipeline.data import preprocess as prep
+from pipeline.data.loading import load_split, read_manifest
+from pipeline.data.sources import DataError
+from tests.conftest import write_image
+
+
+def _cfg(tmp_path, root, *extra):
+    return load_config(
+        None,
+        [f"output_dir={tmp_path / 'out'}", "data.source=folder", f"data.path={root}", "data.image_size=24",
+         "data.val_fraction=0.2", "data.test_fraction=0.1", "data.rows_per_shard=7", *extra],
+    )
+
+
+def _pil_reference(path, size, mode="squash"):
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if mode == "squash":
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.asarray(img)
+
+
+@pytest.fixture
+def dirty_tree(folder_tree):
+    """The folder tree plus a corrupt file, a zero-byte file and odd image modes."""
+    (folder_tree / "astilbe" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder_tree / "bellflower" / "empty.png").write_bytes(b"")
+    write_image(folder_tree / "crocus" / "grey.png", seed=5, mode="L")
+    write_image(folder_tree / "crocus" / "palette.gif", seed=6, mode="P", fmt="GIF")
+    return folder_tree
+
+
+def test_round_trip_manifest_and_skips(ray_local, tmp_path, dirty_tree):
+    cfg = _cfg(tmp_path, dirty_tree)
+    result = prep.preprocess(cfg, log=lambda *_: None)
+    manifest = read_manifest(result["shard_dir"])
+    assert manifest["num_skipped"] == 2
+    assert sorted(Path(s["path"]).name for s in manifest["skipped"]) == ["broken.jpg", "empty.png"]
+    assert all(s["reason"] for s in manifest["skipped"])
+    assert manifest["num_ignored_non_images"] == 2
+    assert sum(manifest["split_sizes"].values()) == 32  # 30 + grey + palette
+    assert manifest["class_names"] == ["astilbe", "bellflower", "crocus"]
+    assert manifest["image_shape"] == [24, 24, 3]
+    # several shards per split (rows_per_shard=7), and a fingerprint of source + config
+    assert len(manifest["files"]["train"]) >= 3 and len(manifest["config_fingerprint"]) == 64
+    seen = {}
+    for split in ("train", "val", "test"):
+        part = load_split(result["shard_dir"], split)
+        assert len(part) == manifest["split_sizes"][split]
+        for class_idx, name in enumerate(manifest["class_names"]):
+            assert int((part.labels == class_idx).sum()) == manifest["counts"][split][name]
+        for img, label, path in zip(part.images.numpy(), part.labels.tolist(), part.paths):
+            assert np.array_equal(img, _pil_reference(path, 24)), path  # pixels survive exactly
+            assert Path(path).parent.name == manifest["class_names"][label]  # never a mislabel
+            seen[path] = split
+    assert len(seen) == 32  # splits are disjoint
+    assert (Path(result["shard_dir"]) / "config.yaml").is_file()
+
+
+def test_reuse_force_and_rebuild_on_change(ray_local, tmp_path, folder_tree):
+    cfg = _cfg(tmp_path, folder_tree)
+    first = prep.preprocess(cfg, log=lambda *_: None)
+    manifest_file = Path(first["manifest"])
+    stamp = manifest_file.stat().st_mtime_ns
+    again = prep.preprocess(cfg, log=lambda *_: None)
+    assert again["reused"] and again["shard_dir"] == first["shard_dir"]
+    assert manifest_file.stat().st_mtime_ns == stamp
+    forced = prep.preprocess(cfg, force=True, log=lambda *_: None)
+    assert not forced["reused"] and forced["shard_dir"] == first["shard_dir"]
+    assert manifest_file.stat().st_mtime_ns != stamp
+    # a changed source file or a changed stored size is a different dataset
+    write_image(folder_tree / "crocus" / "img_new.png", seed=999)
+    changed = prep.preprocess(cfg, log=lambda *_: None)
+    assert not changed["reused"] and changed["shard_dir"] != first["shard_dir"]
+    resized = prep.preprocess(_cfg(tmp_path, folder_tree, "data.image_size=16"), log=lambda *_: None)
+    assert resized["shard_dir"] != changed["shard_dir"]
+    assert load_split(resized["shard_dir"], "train").images.shape[1:] == (16, 16, 3)
+    # only complete datasets and no partial leftovers are in the shard root
+    leftovers = [p for p in os.listdir(tmp_path / "out" / "shards") if p.startswith(".")]
+    assert leftovers == []
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(ray_local, tmp_path, folder_tree, monkeypatch):
+    cfg = _cfg(tmp_path, folder_tree)
+    real_write = prep._write_shards
+
+    def write_then_die(listing, cfg, target):
+        real_write(listing, cfg, target)  # the shards are written...
+        raise KeyboardInterrupt  # ...and the run dies before the manifest
+
+    monkeypatch.setattr(prep, "_write_shards", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prep.preprocess(cfg, log=lambda *_: None)
+    assert not list((tmp_path / "out" / "shards").glob("*/manifest.json"))
+    assert list((tmp_path / "out" / "shards").iterdir()) == []
+    # a run killed hard (no cleanup) leaves a partial directory: the next run ignores and removes it
+    monkeypatch.setattr(prep, "_write_shards", real_write)
+    listing = prep.resolve_source(cfg.data, cfg.output_dir)
+    dest, fp = prep.shard_dir_for(cfg, listing)
+    stale = Path(dest).parent / f".{fp[:16]}.partial-deadbeef"
+    (stale / "train").mkdir(parents=True)
+    result = prep.preprocess(cfg, log=lambda *_: None)
+    assert not result["reused"] and not stale.exists()
+    with pytest.raises(DataError, match="manifest.json missing"):
+        load_split(str(stale), "train")
+
+
+def test_ranks_get_disjoint_parts_covering_the_split(ray_local, tmp_path, folder_tree):
+    result = prep.preprocess(_cfg(tmp_path, folder_tree), log=lambda *_: None)
+    whole = load_split(result["shard_dir"], "train")
+    parts = [load_split(result["shard_dir"], "train", rank=r, world_size=3) for r in range(3)]
+    paths = [p for part in parts for p in part.paths]
+    assert sorted(paths) == sorted(whole.paths) and len(set(paths)) == len(paths)
+    assert abs(len(parts[0]) - len(parts[2])) <= 1
+    for part in parts:  # each rank's images still match their labels and paths
+        for img, path in zip(part.images.numpy(), part.paths):
+            assert np.array_equal(img, whole.images.numpy()[whole.paths.index(path)])
+
+
+def test_cli_writes_result_and_config(ray_local, tmp_path, folder_tree, capsys):
+    out = tmp_path / "cli"
+    rc = cli_main(["preprocess", "data.source=folder", f"data.path={folder_tree}", f"output_dir={out}", "data.image_size=20"])
+    assert rc == 0
+    result = json.loads((out / "preprocess" / "result.json").read_text())
+    assert result["split_sizes"]["train"] + result["split_sizes"]["val"] == 30
+    assert "image_size: 20" in (out / "preprocess" / "config.yaml").read_text()
+    assert str(out / "preprocess" / "result.json") in capsys.readouterr().out
+
+
+def test_cli_bad_input_exits_2_with_message(tmp_path, capsys):
+    assert cli_main(["preprocess", "data.source=folder", f"data.path={tmp_path / 'nowhere'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["preprocess", "data.image_size=-3"]) == 2
+    assert "data.image_size" in capsys.readouterr().err

@@ -1,0 +1,223 @@
+"""Source layouts, the split rule, bad files, archives and downloads (no Ray needed)."""
+
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.data import images, sources, synthetic
+from pipeline.data.sources import DataError, resolve_source, safe_extract, split_per_class
+from tests.conftest import write_image
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", *overrides]).data
+
+
+# ----------------------------------------------------------------------------- split rule
+
+
+def test_split_matches_the_keras_rule_by_hand():
+    files = [[f"/d/a/{i}.jpg" for i in range(20)], [f"/d/b/{i}.jpg" for i in range(11)]]
+    items = split_per_class(files, 0.1, 0.0, seed=42)
+    # the Keras example, spelled out: one generator, per class sorted -> shuffle -> first int(n*0.1) to val
+    rng = np.random.default_rng(42)
+    expected_val = []
+    for cls in files:
+        arr = np.array(sorted(cls))
+        rng.shuffle(arr)
+        expected_val += list(arr[: int(len(arr) * 0.1)])
+    assert sorted(i.path for i in items if i.split == "val") == sorted(expected_val)
+    assert sum(i.split == "val" for i in items if "/a/" in i.path) == 2
+    assert sum(i.split == "val" for i in items if "/b/" in i.path) == 1
+
+
+def test_split_is_disjoint_stratified_deterministic():
+    files = [[f"c{c}/{i}" for i in range(50)] for c in range(4)]
+    a = split_per_class(files, 0.2, 0.1, seed=1)
+    b = split_per_class(list(reversed([list(reversed(f)) for f in files]))[::-1], 0.2, 0.1, seed=1)
+    assert [(i.path, i.split) for i in a] == [(i.path, i.split) for i in b]  # input order does not matter
+    assert len({i.path for i in a}) == 200  # every file exactly once
+    for c in range(4):
+        splits = [i.split for i in a if i.label == c]
+        assert splits.count("val") == 10 and splits.count("test") == 5 and splits.count("train") == 35
+    c = split_per_class(files, 0.2, 0.1, seed=2)
+    val = lambda items: {i.path for i in items if i.split == "val"}  # noqa: E731
+    assert val(a) != val(c)  # the seed matters
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def test_folder_tree_lists_images_and_ignores_other_files(tmp_path, folder_tree):
+    listing = resolve_source(_cfg(tmp_path, "data.source=folder", f"data.path={folder_tree}", "data.val_fraction=0.2"))
+    assert listing.class_names == ["astilbe", "bellflower", "crocus"]
+    assert len(listing.items) == 30
+    assert {Path(p).name for p in listing.ignored} == {"README.txt", "notes.md"}
+    assert listing.counts()["val"] == {"astilbe": 2, "bellflower": 2, "crocus": 2}
+
+
+def _make_tgz(tmp_path, members: dict[str, bytes]) -> Path:
+    path = tmp_path / "flower_photos.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _png_bytes(seed):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_tf_flowers_from_tgz_and_from_url(tmp_path):
+    members = {f"flower_photos/{c}/{i}.jpg": _png_bytes(i) for c in ("daisy", "roses") for i in range(5)}
+    members["flower_photos/LICENSE.txt"] = b"CC-BY"
+    tgz = _make_tgz(tmp_path, members)
+    listing = resolve_source(_cfg(tmp_path, "data.source=tf_flowers", f"data.path={tgz}"))
+    assert listing.class_names == ["daisy", "roses"] and len(listing.items) == 10
+    assert listing.root.endswith("flower_photos")
+    # the same archive through a URL goes through the download path (cache + checksum)
+    listing2 = resolve_source(_cfg(tmp_path / "u", "data.source=tf_flowers", f"data.path={tgz.as_uri()}"))
+    assert len(listing2.items) == 10
+    assert (tmp_path / "u" / "cache" / "downloads" / "flower_photos.tgz").is_file()
+
+
+def test_flowers102_official_layout(tmp_path):
+    from scipy.io import savemat
+
+    root = tmp_path / "f102"
+    n = 12
+    labels = np.array([1 + (i % 3) for i in range(n)])  # classes 1..3
+    for i in range(1, n + 1):
+        write_image(root / "jpg" / f"image_{i:05d}.jpg", seed=i, fmt="JPEG")
+    savemat(root / "imagelabels.mat", {"labels": labels[None, :]})
+    savemat(root / "setid.mat", {"trnid": np.array([[1, 2, 3, 4, 5, 6]]), "valid": np.array([[7, 8, 9]]), "tstid": np.array([[10, 11, 12]])})
+    listing = resolve_source(_cfg(tmp_path, "data.source=flowers102", f"data.path={root}"))
+    by_split = {s: [i for i in listing.items if i.split == s] for s in ("train", "val", "test")}
+    assert [len(by_split[s]) for s in ("train", "val", "test")] == [6, 3, 3]
+    assert {i.label for i in listing.items} == {0, 1, 2}  # 1..3 mapped to 0..2
+    item7 = next(i for i in listing.items if i.path.endswith("image_00007.jpg"))
+    assert item7.split == "val" and item7.label == labels[6] - 1
+    (root / "setid.mat").unlink()
+    with pytest.raises(DataError, match="setid.mat is missing"):
+        resolve_source(_cfg(tmp_path, "data.source=flowers102", f"data.path={root}"))
+
+
+def test_synthetic_is_deterministic_and_reused(tmp_path):
+    a = synthetic.draw_flower(2, 7, 48, seed=3)
+    b = synthetic.draw_flower(2, 7, 48, seed=3)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(synthetic.draw_flower(2, 8, 48, seed=3)))
+    cfg = _cfg(tmp_path, f"data.path={tmp_path / 'syn'}", "data.synthetic.num_classes=3", "data.synthetic.images_per_class=6", "data.synthetic.image_size=40")
+    listing = resolve_source(cfg)
+    assert len(listing.items) == 18 and len(listing.class_names) == 3
+    stamp = (tmp_path / "syn" / listing.class_names[0] / "00000.png").stat().st_mtime_ns
+    resolve_source(cfg)
+    assert (tmp_path / "syn" / listing.class_names[0] / "00000.png").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "does not exist"),
+        (lambda root: root.mkdir(), "no class folders"),
+        (lambda root: ((root / "a").mkdir(parents=True), (root / "a" / "x.txt").write_text("x")), "holds no images"),
+    ],
+    ids=["missing", "no-classes", "empty-class"],
+)
+def test_bad_folders_are_clear_errors(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    with pytest.raises(DataError, match=message):
+        resolve_source(_cfg(tmp_path, "data.source=folder", f"data.path={root}"))
+
+
+# ----------------------------------------------------------------------------- odd and bad files
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "1"])
+def test_odd_modes_become_rgb(tmp_path, mode):
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    if mode == "CMYK":
+        path = tmp_path / "x.jpg"
+        Image.new("CMYK", (20, 10), (0, 255, 255, 0)).save(path)  # pure red in CMYK
+    else:
+        path = write_image(tmp_path / "x.png", seed=1, size=(20, 10), mode=mode, fmt=fmt)
+    arr = images.load_image(str(path), 8)
+    assert arr.shape == (8, 8, 3) and arr.dtype == np.uint8
+    if mode == "CMYK":
+        assert arr[..., 0].mean() > 200 and arr[..., 1].mean() < 60  # red stays red
+
+
+def test_16_bit_greyscale_is_rescaled_not_clipped(tmp_path):
+    arr16 = np.full((6, 6), 65535 // 2, dtype=np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(arr16).save(path)
+    out = images.load_image(str(path), 6)
+    assert 120 <= out.mean() <= 135  # half of full scale, not 255 from clipping
+
+
+def test_corrupt_truncated_and_empty_files_raise(tmp_path):
+    good = write_image(tmp_path / "good.jpg", seed=3, size=(64, 64), fmt="JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_bytes(b"this is not a jpeg at all")
+    for name in ("trunc.jpg", "empty.jpg", "text.jpg"):
+        with pytest.raises(Exception):
+            images.load_image(str(tmp_path / name), 16)
+
+
+def test_resize_modes(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 20))  # white left quarter
+    squash = np.asarray(images.resize(img, 20, "squash"))
+    crop = np.asarray(images.resize(img, 20, "short_side_crop"))
+    assert squash.shape == crop.shape == (20, 20, 3)
+    assert squash[:, :4].mean() > 200  # squash keeps the white strip at the left edge
+    assert crop.mean() < 10  # the centre crop of a 40x20 image drops the left quarter
+
+
+# ----------------------------------------------------------------------------- archives and downloads
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "a/../../evil.txt", "/abs/evil.txt"])
+def test_archive_members_escaping_are_refused(tmp_path, name):
+    tgz = _make_tgz(tmp_path, {"ok/a.txt": b"a", name: b"evil"})
+    with pytest.raises(DataError, match="refusing archive"):
+        safe_extract(tgz, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil.txt").exists()
+
+
+def test_archive_links_are_refused(tmp_path):
+    path = tmp_path / "links.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo("flower_photos/link")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(DataError, match="is a link"):
+        safe_extract(path, tmp_path / "out")
+
+
+def test_download_checksum_mismatch_is_refused_and_removed(tmp_path):
+    src = tmp_path / "blob.bin"
+    src.write_bytes(b"flowers" * 1000)
+    with pytest.raises(DataError, match="checksum mismatch"):
+        sources.download(src.as_uri(), tmp_path / "dl", sha256="0" * 64)
+    assert list((tmp_path / "dl").iterdir()) == []
+    good = sources.download(src.as_uri(), tmp_path / "dl", sha256=hashlib.sha256(src.read_bytes()).hexdigest())
+    assert good.read_bytes() == src.read_bytes()
+
+
+def test_download_failure_is_clear(tmp_path):
+    with pytest.raises(DataError, match="could not download"):
+        sources.download((tmp_path / "missing.tgz").as_uri(), tmp_path / "dl", sha256=None)

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipeline preprocess --config configs/demo.yaml
+	$(PY) -m pipeline run --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

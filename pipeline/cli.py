@@ -33,8 +33,46 @@ def _run_preprocess(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, 
     return result
 
 
+def _print_training(result: dict[str, Any]) -> None:
+    ev = result["evaluation"].get("val", {})
+    heads = "".join(f", {k} {v:.3f}" for k, v in ev.items() if k.startswith("top1_"))
+    print(f"{result['stage']}: best epoch {result['best_epoch']}, val top-1 {ev.get('top1', float('nan')):.3f}{heads}; "
+          f"model in {result['best_checkpoint']}; MLflow run {result['mlflow']['run_id']} ({result['mlflow']['tracking_uri']})")
+
+
+def _training_stage(stage: str):
+    def run(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
+        from pipeline.stages import run_training_stage
+        from pipeline.tracking import tracked
+
+        with tracked(cfg, stage) as tracker:
+            result = run_training_stage(cfg, stage, tracker, force=args.force)
+        _print_training(result)
+        return result
+
+    return run
+
+
+def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.stages import run_training_stage
+    from pipeline.tracking import tracked
+
+    results: dict[str, Any] = {"stage": "run"}
+    results["preprocess"] = _run_preprocess(cfg, args)
+    write_stage_result(cfg, "preprocess", results["preprocess"])
+    with tracked(cfg, "run") as tracker:
+        for stage in ("teacher", "distill"):
+            results[stage] = run_training_stage(cfg, stage, tracker, force=args.force)
+            write_stage_result(cfg, stage, results[stage])
+            _print_training(results[stage])
+    return results
+
+
 STAGES: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], dict[str, Any]]]] = {
     "preprocess": ("decode images with Ray Data into Parquet shards + manifest", _run_preprocess),
+    "teacher": ("fine-tune the teacher on Ray Train (TorchTrainer), tracked in MLflow", _training_stage("teacher")),
+    "distill": ("distil a student from the teacher (distill.method=deit) on Ray Train", _training_stage("distill")),
+    "run": ("preprocess, teacher and distill in one go (one MLflow parent run)", _run_all),
 }
 
 
@@ -46,17 +84,41 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); defaults: the embedded demo")
         p.add_argument("--force", action="store_true", help="rebuild outputs even if identical ones exist")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    ev = sub.add_parser("evaluate", help="top-1 and per-class accuracy of a model on a class-per-folder tree (JSON)")
+    ev.add_argument("--model", required=True, help="checkpoint directory (e.g. outputs/demo/distill/best) or models:/NAME/VERSION")
+    ev.add_argument("--data", required=True, help="class-per-folder tree whose folder names are the model's classes")
+    pr = sub.add_parser("predict", help="top classes for single images (JSON)")
+    pr.add_argument("--model", required=True, help="checkpoint directory or models:/NAME/VERSION")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("images", nargs="+")
     return parser
+
+
+def _model_command(args: argparse.Namespace) -> int:
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.data.sources import DataError
+    from pipeline.evaluate import evaluate_folder, predict_files
+
+    try:
+        out = evaluate_folder(args.model, args.data) if args.stage == "evaluate" else predict_files(args.model, args.images, args.top_k)
+    except (CheckpointError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_json(out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage in ("evaluate", "predict"):
+        return _model_command(args)
+    from pipeline.checkpoints import CheckpointError
     from pipeline.data.sources import DataError
 
     try:
         cfg = load_config(args.config, args.overrides)
         result = STAGES[args.stage][1](cfg, args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = write_stage_result(cfg, args.stage, result)

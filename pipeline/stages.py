@@ -1,0 +1,188 @@
+"""The training stages as seen from the driver: validate, run the TorchTrainer, publish, track."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+from pipeline import checkpoints, plots, storage
+from pipeline.config import ConfigError, PipelineConfig, fingerprint, to_dict, to_yaml
+from pipeline.data.loading import load_split, read_manifest
+from pipeline.models import check_model_name, is_distilled_arch
+from pipeline.tracking import Tracker, tracking_uri
+
+
+def shard_dir_of(cfg: PipelineConfig) -> str:
+    """The shards the preprocess stage produced for this config (run it first)."""
+    result_path = storage.join(cfg.output_dir, "preprocess", "result.json")
+    if not storage.exists(result_path):
+        raise ConfigError(f"no preprocessed data in {cfg.output_dir}: run `python -m pipeline preprocess` (or `run`) with this config first")
+    return storage.read_json(result_path)["shard_dir"]
+
+
+def teacher_source(cfg: PipelineConfig) -> str:
+    """``distill.teacher`` if set, else the teacher stage's best checkpoint."""
+    if cfg.distill.teacher:
+        src = cfg.distill.teacher
+        if not src.startswith(("models:/", "runs:/")) and not os.path.isdir(src):
+            raise ConfigError(f"distill.teacher: {src!r} does not exist (a checkpoint directory or a models:/ URI)")
+        return src
+    best = os.path.join(os.path.abspath(cfg.output_dir), "teacher", "best")
+    if not os.path.isfile(os.path.join(best, checkpoints.META_FILE)):
+        raise ConfigError(f"no teacher for distillation: {best} is missing; run `python -m pipeline teacher` first or set distill.teacher")
+    return best
+
+
+def validate_stage(cfg: PipelineConfig, stage: str) -> str | None:
+    """Everything that can be checked before workers start; returns the teacher source for distill."""
+    if stage == "teacher":
+        check_model_name(cfg.teacher.model, "teacher.model")
+        p = cfg.teacher.pretrained
+        if p == "package":
+            from pipeline.weights import PACKAGE_WEIGHTS
+
+            if cfg.teacher.model not in PACKAGE_WEIGHTS:
+                raise ConfigError(f"teacher.pretrained=package has weights only for {sorted(PACKAGE_WEIGHTS)}, not {cfg.teacher.model!r}")
+        elif p not in ("hub", "none") and not os.path.isfile(p):
+            raise ConfigError(f"teacher.pretrained: {p!r} is not package, hub, none or an existing weights file")
+        return None
+    d = cfg.distill
+    check_model_name(d.student, "distill.student")
+    if d.type in ("soft", "hard") and d.method == "deit" and not is_distilled_arch(d.student):
+        raise ConfigError(f"distill.type={d.type} needs a student with a distillation token (e.g. deit_tiny_distilled_patch16_224); "
+                          f"{d.student!r} has none. Use distill.type=none for a plain baseline.")
+    if d.student_pretrained not in ("none", "hub") and not os.path.isfile(d.student_pretrained):
+        raise ConfigError(f"distill.student_pretrained: {d.student_pretrained!r} is not none, hub or an existing file")
+    return teacher_source(cfg) if d.type != "none" else None
+
+
+def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher: str | None) -> str:
+    section = to_dict(cfg.teacher if stage == "teacher" else cfg.distill)
+    teacher_id = None
+    if teacher and os.path.isdir(teacher):
+        teacher_id = checkpoints.read_meta(teacher).get("checkpoint_id", teacher)
+    elif teacher:
+        teacher_id = teacher
+    return fingerprint(stage, section, to_dict(cfg.train), shard_dir, to_dict(cfg.ray), teacher_id)
+
+
+def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force: bool = False, log=print) -> dict[str, Any]:
+    """Fit ``stage`` with a TorchTrainer (resuming a run of the same config), publish its best
+    checkpoint under ``<output_dir>/<stage>/best`` and log it to MLflow."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.cluster import init_ray
+    from pipeline.train.loop import train_worker
+
+    shard_dir = shard_dir_of(cfg)
+    teacher = validate_stage(cfg, stage)
+    manifest = read_manifest(shard_dir)
+    if manifest["split_sizes"]["val"] == 0:
+        raise ConfigError("the validation split is empty: set data.val_fraction > 0 (model selection needs it)")
+    fp = _stage_fingerprint(cfg, stage, shard_dir, teacher)
+    name = f"{stage}-{fp[:12]}"
+    storage_path = os.path.abspath(os.path.join(cfg.output_dir, "ray_results"))
+    run_dir = os.path.join(storage_path, name)
+    if force and os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    stage_dir = os.path.join(os.path.abspath(cfg.output_dir), stage)
+    os.makedirs(stage_dir, exist_ok=True)
+
+    id_file = os.path.join(run_dir, "mlflow_run_id")
+    previous = open(id_file).read().strip() if os.path.isfile(id_file) else None
+    tags = {"method": cfg.distill.method if stage == "distill" else "finetune", "dataset": cfg.data.source,
+            "ray_run": name}
+    if stage == "distill":
+        tags["distill_type"] = cfg.distill.type
+    run_id = tracker.stage_run(stage, tags, reuse_id=previous)
+    if run_id:
+        with open(id_file, "w") as f:
+            f.write(run_id)
+
+    init_ray(cfg.ray)
+    opt = cfg.teacher if stage == "teacher" else cfg.distill
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": to_dict(cfg), "stage": stage, "shard_dir": shard_dir, "teacher_source": teacher,
+                           "tracking_uri": tracker.uri, "run_id": run_id,
+                           "unsent_path": os.path.join(stage_dir, "mlflow_unsent.jsonl")},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_acc",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    log(f"{stage}: training {opt.epochs} epochs on {cfg.ray.num_workers} worker(s) ({'GPU' if cfg.ray.use_gpu else 'CPU'}); "
+        f"Ray run {run_dir}")
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end(run_id, "FAILED")
+        raise
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
+    best_dir = os.path.join(stage_dir, "best")
+    tmp = best_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with best_ckpt.as_directory() as d:
+        shutil.copytree(d, tmp)
+    meta = checkpoints.read_meta(tmp)
+    meta["checkpoint_id"] = f"{name}/{os.path.basename(best_ckpt.path)}"
+    with open(os.path.join(tmp, checkpoints.META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    os.remove(os.path.join(tmp, checkpoints.STATE_FILE))  # the published model needs no optimizer state
+    shutil.rmtree(best_dir, ignore_errors=True)
+    os.rename(tmp, best_dir)
+
+    # Final evaluation of the published model on the driver: per class, per head, confusion matrix.
+    from pipeline.evaluate import accuracy_report, predict_logits
+
+    model, meta = checkpoints.load_model(best_dir)
+    evaluation = {}
+    for split in ("val", "test"):
+        if manifest["split_sizes"][split]:
+            part = load_split(shard_dir, split)
+            evaluation[split] = accuracy_report(predict_logits(model, part.images, meta), part.labels, meta["class_names"])
+    history = _history(result)
+    curves = plots.learning_curves(history, os.path.join(stage_dir, "learning_curves.png"), f"{stage} ({name})")
+    conf = plots.confusion_matrix(evaluation["val"]["confusion"], meta["class_names"], os.path.join(stage_dir, "confusion_val.png"),
+                                  f"{stage}: validation confusion")
+    with open(os.path.join(stage_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    for path in (curves, conf, os.path.join(stage_dir, "config.yaml"), os.path.join(shard_dir, "manifest.json")):
+        tracker.log_artifact(run_id, path)
+    from pipeline.evaluate import model_inputs
+
+    example = model_inputs(load_split(shard_dir, "val").images[:2], meta)
+    suffix = "teacher" if stage == "teacher" else "student"
+    model_uri = tracker.log_model(run_id, model, meta, example, f"{cfg.tracking.experiment}-{suffix}")
+    summary = {f"best_{k}": v for k, v in best_metrics.items() if isinstance(v, (int, float))}
+    summary.update({f"final_{s}_top1": e["top1"] for s, e in evaluation.items()})
+    from pipeline.tracking import EpochLogger
+
+    EpochLogger(tracker.uri, run_id, cfg.tracking.fail_fast).log(summary, step=int(best_metrics.get("epoch", 0)))
+    tracker.end(run_id)
+    return {
+        "stage": stage,
+        "ray_run": run_dir,
+        "best_checkpoint": best_dir,
+        "best_epoch": best_metrics.get("epoch"),
+        "val_acc": best_metrics.get("val_acc"),
+        "evaluation": {s: {k: v for k, v in e.items() if k != "confusion"} for s, e in evaluation.items()},
+        "history": history,
+        "mlflow": {"tracking_uri": tracking_uri(cfg), "run_id": run_id, "model_uri": model_uri},
+        "artifacts": {"learning_curves": curves, "confusion": conf},
+    }
+
+
+def _history(result) -> list[dict[str, float]]:
+    """Per-epoch metrics of the whole run, resumed attempts included: the latest checkpoint carries them."""
+    with result.checkpoint.as_directory() as d:
+        return checkpoints.read_meta(d).get("history", [])

@@ -1,0 +1,220 @@
+"""MLflow: one parent run per invocation, one nested run per stage, metrics from rank 0.
+
+Tracking must never kill training: every call goes through :func:`_attempt`, which retries, warns
+and, when the server stays away, keeps what could not be sent (metrics are re-sent with the next
+call; anything still unsent at the end is written to ``mlflow_unsent.jsonl`` in the stage's output
+directory). ``tracking.fail_fast=true`` turns that into an error instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+from pipeline.config import PipelineConfig, flatten, to_dict
+
+
+class TrackingError(RuntimeError):
+    """MLflow was unreachable and ``tracking.fail_fast`` is set."""
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the current directory
+    (where ``mlflow ui`` looks by default)."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def _attempt(fn: Callable[[], Any], what: str, fail_fast: bool, tries: int = 3, wait: float = 1.0) -> tuple[bool, Any]:
+    for i in range(tries):
+        try:
+            return True, fn()
+        except Exception as exc:  # network errors, server errors: all mean "not sent"
+            last = exc
+            if i + 1 < tries:
+                time.sleep(wait * (2**i))
+    if fail_fast:
+        raise TrackingError(f"MLflow: could not {what}: {last}") from last
+    warnings.warn(f"MLflow: could not {what} ({type(last).__name__}: {str(last)[:200]}); training goes on", stacklevel=3)
+    return False, None
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+class EpochLogger:
+    """Rank 0's metric logger: batches per epoch, buffers across outages, never raises unless fail_fast."""
+
+    def __init__(self, uri: str | None, run_id: str | None, fail_fast: bool = False, fallback_path: str | None = None):
+        self.uri, self.run_id, self.fail_fast, self.fallback_path = uri, run_id, fail_fast, fallback_path
+        self.pending: list[tuple[str, float, int, int]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.run_id:
+            return
+        ts = int(time.time() * 1000)
+        self.pending += [(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.flush(tries=2)
+
+    def flush(self, tries: int = 3) -> bool:
+        if not self.pending or not self.run_id:
+            return True
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        batch = [Metric(k, v, ts, step) for k, v, ts, step in self.pending]
+
+        def send():
+            client = MlflowClient(self.uri)
+            for i in range(0, len(batch), 1000):
+                client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+        ok, _ = _attempt(send, f"log {len(batch)} metric values", self.fail_fast, tries=tries)
+        if ok:
+            self.pending = []
+        return ok
+
+    def close(self) -> None:
+        if not self.flush(tries=5) and self.fallback_path:
+            os.makedirs(os.path.dirname(self.fallback_path), exist_ok=True)
+            with open(self.fallback_path, "a") as f:
+                for k, v, ts, step in self.pending:
+                    f.write(json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts, "step": step}) + "\n")
+            warnings.warn(f"MLflow: {len(self.pending)} metric values kept in {self.fallback_path}", stacklevel=2)
+
+
+class Tracker:
+    """The invocation's parent run and its nested stage runs."""
+
+    def __init__(self, cfg: PipelineConfig, invocation: str):
+        self.cfg, self.invocation = cfg, invocation
+        self.uri = tracking_uri(cfg)
+        self.fail_fast = cfg.tracking.fail_fast
+        self.parent_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    def start(self) -> "Tracker":
+        def create():
+            client = self._client()
+            exp = client.get_experiment_by_name(self.cfg.tracking.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.tracking.experiment)
+            run = client.create_run(exp_id, run_name=f"{self.invocation}", tags={"pipeline.invocation": self.invocation, "git_commit": git_commit()})
+            return exp_id, run.info.run_id
+
+        ok, got = _attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
+        if ok:
+            self.experiment_id, self.parent_id = got
+            self.log_params(self.parent_id, flatten(to_dict(self.cfg)))
+        return self
+
+    def stage_run(self, stage: str, tags: dict[str, str], reuse_id: str | None = None) -> str | None:
+        """A nested run for ``stage`` (or ``reuse_id`` when resuming one that still exists)."""
+        if self.experiment_id is None:
+            return None
+
+        def create():
+            client = self._client()
+            if reuse_id:
+                try:
+                    run = client.get_run(reuse_id)
+                    if run.info.lifecycle_stage == "active":
+                        client.set_terminated(reuse_id, "RUNNING")
+                        return reuse_id
+                except Exception:
+                    pass
+            all_tags = {"stage": stage, "git_commit": git_commit(), **tags}
+            if self.parent_id:
+                all_tags["mlflow.parentRunId"] = self.parent_id
+            return client.create_run(self.experiment_id, run_name=stage, tags=all_tags).info.run_id
+
+        ok, run_id = _attempt(create, f"create the {stage} run", self.fail_fast)
+        if ok and run_id != reuse_id:
+            self.log_params(run_id, flatten(to_dict(self.cfg)))
+        return run_id if ok else None
+
+    def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
+        if not run_id:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+
+        def send():
+            client = self._client()
+            for i in range(0, len(items), 100):
+                client.log_batch(run_id, params=items[i : i + 100])
+
+        _attempt(send, "log parameters", self.fail_fast)
+
+    def log_artifact(self, run_id: str | None, path: str, artifact_path: str | None = None) -> None:
+        if run_id:
+            _attempt(lambda: self._client().log_artifact(run_id, path, artifact_path), f"log artifact {os.path.basename(path)}", self.fail_fast)
+
+    def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
+        if run_id:
+            _attempt(lambda: [self._client().set_tag(run_id, k, str(v)) for k, v in tags.items()], "set tags", self.fail_fast)
+
+    def end(self, run_id: str | None, status: str = "FINISHED") -> None:
+        if run_id:
+            _attempt(lambda: self._client().set_terminated(run_id, status), "end a run", self.fail_fast)
+
+    def log_model(self, run_id: str | None, model, meta: dict[str, Any], example, registered_name: str | None) -> str | None:
+        """``mlflow.pytorch.log_model`` with signature, input example and our metadata; returns the model URI."""
+        if not run_id:
+            return None
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        def send():
+            mlflow.set_tracking_uri(self.uri)
+            with torch.no_grad():
+                out = model(example).float().numpy()
+            signature = infer_signature(example.numpy(), out)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=signature,
+                    input_example=np.asarray(example.numpy()),
+                    metadata=meta,
+                    registered_model_name=registered_name if self.cfg.tracking.register_models else None,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
+                    # pickle, not MLflow 3's default pt2 (torch.export): an exported program has a
+                    # fixed batch size and no eval(); checkpoint directories stay the pickle-free path.
+                    serialization_format="pickle",
+                )
+            return info.model_uri
+
+        ok, uri = _attempt(send, "log the model", self.fail_fast, tries=2)
+        return uri if ok else None
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.end(self.parent_id, status)
+
+
+@contextmanager
+def tracked(cfg: PipelineConfig, invocation: str) -> Iterator[Tracker]:
+    tracker = Tracker(cfg, invocation).start()
+    try:
+        yield tracker
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()

@@ -1,0 +1,1 @@
+"""Training: one loop (loop.py) for every stage; what differs per stage lives in steps.py."""

@@ -1,0 +1,124 @@
+"""Teacher then DeiT on a 2-worker local Ray, tracked in MLflow: learning, tracking, loading."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from pipeline.cli import main as cli_main
+from pipeline.config import load_config
+from pipeline.data.preprocess import preprocess
+from pipeline.stages import run_training_stage
+from pipeline.tracking import tracked
+
+NUM_CLASSES = 5
+CHANCE = 1 / NUM_CLASSES
+
+
+def small_config(out, *extra):
+    return load_config(None, [
+        f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", "tracking.experiment=test",
+        "data.synthetic.images_per_class=80", "data.synthetic.image_size=48", "data.image_size=36", "data.val_fraction=0.25",
+        "ray.num_workers=2", "train.crop_size=32",
+        "teacher.epochs=3", "teacher.batch_size=32", "teacher.lr=0.02", "teacher.scale_lr=false",
+        "distill.epochs=5", "distill.batch_size=32", "distill.lr=0.002", "distill.scale_lr=false", "distill.drop_path=0.0",
+        "distill.warmup_epochs=1",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    cfg = small_config(out)
+    from pipeline.cli import write_stage_result
+
+    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+    with tracked(cfg, "run") as tracker:
+        teacher = run_training_stage(cfg, "teacher", tracker)
+        student = run_training_stage(cfg, "distill", tracker)
+        parent = tracker.parent_id
+    return {"cfg": cfg, "out": out, "teacher": teacher, "student": student, "parent": parent}
+
+
+def test_teacher_beats_chance_clearly(trained):
+    t = trained["teacher"]
+    assert t["val_acc"] > CHANCE + 0.4, t["history"]
+    assert t["evaluation"]["val"]["top1"] == pytest.approx(t["val_acc"], abs=1e-6)  # driver re-evaluation agrees
+    assert [h["epoch"] for h in t["history"]] == [1, 2, 3]
+
+
+def test_deit_student_learns_from_the_teacher(trained):
+    s = trained["student"]
+    hist = s["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert s["val_acc"] > CHANCE + 0.15, hist
+    assert {"val_acc_cls", "val_acc_dist", "val_teacher_acc", "val_agreement", "train_loss_dist"} <= set(hist[-1])
+    assert hist[-1]["val_teacher_acc"] == pytest.approx(trained["teacher"]["val_acc"], abs=1e-6)  # same teacher, same images
+    assert "top1_cls" in s["evaluation"]["val"] and "top1_dist" in s["evaluation"]["val"]
+
+
+def test_mlflow_holds_runs_nesting_params_and_metrics(trained):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(trained["cfg"].tracking.uri)
+    exp = client.get_experiment_by_name("test")
+    runs = client.search_runs([exp.experiment_id])
+    by_id = {r.info.run_id: r for r in runs}
+    parent = by_id[trained["parent"]]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["stage"] for r in children) == ["distill", "teacher"]
+    for child in children:
+        assert child.data.params["data.source"] == "synthetic"
+        assert child.data.params["ray.num_workers"] == "2"
+        assert child.data.tags["git_commit"]
+        assert child.info.status == "FINISHED"
+    student = by_id[trained["student"]["mlflow"]["run_id"]]
+    assert student.data.tags["method"] == "deit" and student.data.tags["distill_type"] == "soft"
+    history = client.get_metric_history(student.info.run_id, "val_acc")
+    steps = sorted(m.step for m in history if m.step <= 5)
+    assert steps[:5] == [1, 2, 3, 4, 5]  # one value per epoch
+    artifacts = {a.path for a in client.list_artifacts(student.info.run_id)}
+    assert {"learning_curves.png", "confusion_val.png", "config.yaml", "manifest.json"} <= artifacts
+
+
+def test_registered_model_loads_and_predicts(trained):
+    import mlflow
+
+    from pipeline.checkpoints import load_model
+    from pipeline.data.loading import load_split
+    from pipeline.evaluate import model_inputs
+
+    mlflow.set_tracking_uri(trained["cfg"].tracking.uri)
+    client = mlflow.tracking.MlflowClient()
+    versions = client.search_model_versions("name='test-student'")
+    assert versions, "the student was not registered"
+    uri = f"models:/test-student/{versions[0].version}"
+    registered, meta = load_model(uri)
+    local, _ = load_model(trained["student"]["best_checkpoint"])
+    val = load_split(json.loads((trained["out"] / "preprocess" / "result.json").read_text())["shard_dir"], "val")
+    x = model_inputs(val.images[:8], meta)
+    with torch.no_grad():
+        assert torch.allclose(registered(x), local(x), atol=1e-5)
+    assert meta["class_names"] == local_meta_names(trained)
+
+
+def local_meta_names(trained):
+    from pipeline.checkpoints import read_meta
+
+    return read_meta(trained["student"]["best_checkpoint"])["class_names"]
+
+
+def test_evaluate_and_predict_commands(trained, capsys):
+    folder = trained["out"] / "synthetic_source"
+    assert cli_main(["evaluate", "--model", trained["teacher"]["best_checkpoint"], "--data", str(folder)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == NUM_CLASSES * 80
+    assert report["top1"] > CHANCE + 0.4 and set(report["per_class"]) == set(local_meta_names(trained))
+    some = sorted(folder.glob("*/00001.png"))[:2]
+    assert cli_main(["predict", "--model", trained["teacher"]["best_checkpoint"], *map(str, some)]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    assert [len(p["top"]) for p in preds] == [3, 3]
+    assert cli_main(["evaluate", "--model", str(trained["out"] / "missing"), "--data", str(folder)]) == 2

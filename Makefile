@@ -22,7 +22,8 @@ test: $(STAMP)
 
 # A short run on real photos (CI runs it when ../shared/datasets/flower_photos exists).
 smoke: $(STAMP)
-	$(PY) -m pipeline preprocess --config configs/tf_flowers_smoke.yaml data.path=$(FLOWERS)
+	$(PY) -m pipeline run --config configs/tf_flowers_smoke.yaml data.path=$(FLOWERS) \
+		tracking.uri=sqlite:///$(CURDIR)/outputs/tf_flowers_smoke/mlflow.db
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,7 +125,7 @@ class TeacherConfig(OptimConfig):
 
 class DistillConfig(OptimConfig):
     lr: float = Field(5e-4, gt=0)
-    method: Literal["deit"] = "deit"
+    method: Literal["deit", "funmatch"] = Field("deit", description="deit: DeiT token distillation; funmatch: function matching (Beyer et al.)")
     student: str = Field("deit_tiny_distilled_patch16_224", description="timm model; DeiT needs a distilled one for soft/hard")
     student_pretrained: str = Field("none", description="none (from scratch, as the Keras example), hub, or a weights file")
     drop_path: float = Field(0.1, ge=0, lt=1)
@@ -132,6 +133,13 @@ class DistillConfig(OptimConfig):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss")
     temperature: float = Field(1.0, gt=0)
     teacher: str | None = Field(None, description="teacher checkpoint dir or models:/ URI; default: the teacher stage's output")
+    # function matching
+    teaching: Literal["fixed_teacher", "independent_noise", "consistent", "function_matching"] = Field(
+        "function_matching", description="funmatch: what the teacher sees (the paper's ablation)"
+    )
+    kl_t2_scale: bool = Field(True, description="funmatch: multiply the KL by T^2 (big_vision does, the Keras example does not)")
+    mixup_fold: bool = Field(False, description="funmatch: lambda = max(u, 1 - u) instead of u ~ U(0, 1)")
+    mixup_partner: Literal["roll", "reverse"] = Field("roll", description="roll: image i-1 (big_vision); reverse: image n-1-i (Keras)")
 
 
 class PipelineConfig(_Section):
@@ -236,9 +244,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if overrides:
         source += " + overrides " + " ".join(overrides)
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    return absolute_paths(cfg)
+
+
+def _absolute(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
+    """Local paths made absolute against the driver's directory: Ray workers run elsewhere."""
+    data = cfg.data.model_copy(update={"path": _absolute(cfg.data.path), "cache_dir": _absolute(cfg.data.cache_dir)})
+    distill = cfg.distill
+    if distill.teacher and not distill.teacher.startswith(("models:/", "runs:/")):
+        distill = distill.model_copy(update={"teacher": _absolute(distill.teacher)})
+    if distill.student_pretrained not in ("none", "hub"):
+        distill = distill.model_copy(update={"student_pretrained": _absolute(distill.student_pretrained)})
+    teacher = cfg.teacher
+    if teacher.pretrained not in ("package", "hub", "none"):
+        teacher = teacher.model_copy(update={"pretrained": _absolute(teacher.pretrained)})
+    return cfg.model_copy(update={"output_dir": _absolute(cfg.output_dir), "data": data, "distill": distill, "teacher": teacher})
 
 
 def to_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -11,7 +11,17 @@ from pipeline import checkpoints, plots, storage
 from pipeline.config import ConfigError, PipelineConfig, fingerprint, to_dict, to_yaml
 from pipeline.data.loading import load_split, read_manifest
 from pipeline.models import check_model_name, is_distilled_arch
-from pipeline.tracking import Tracker, tracking_uri
+from pipeline.tracking import Tracker
+
+
+def stage_output_dir(cfg: PipelineConfig, stage: str) -> str:
+    """``<output_dir>/teacher``, or ``<output_dir>/distill/<method>-<type>`` so that a DeiT student and
+    its no-teacher baseline live side by side."""
+    root = os.path.abspath(cfg.output_dir)
+    if stage == "teacher":
+        return os.path.join(root, "teacher")
+    d = cfg.distill
+    return os.path.join(root, "distill", f"funmatch-{d.teaching}" if d.method == "funmatch" else f"deit-{d.type}")
 
 
 def shard_dir_of(cfg: PipelineConfig) -> str:
@@ -29,7 +39,7 @@ def teacher_source(cfg: PipelineConfig) -> str:
         if not src.startswith(("models:/", "runs:/")) and not os.path.isdir(src):
             raise ConfigError(f"distill.teacher: {src!r} does not exist (a checkpoint directory or a models:/ URI)")
         return src
-    best = os.path.join(os.path.abspath(cfg.output_dir), "teacher", "best")
+    best = os.path.join(stage_output_dir(cfg, "teacher"), "best")
     if not os.path.isfile(os.path.join(best, checkpoints.META_FILE)):
         raise ConfigError(f"no teacher for distillation: {best} is missing; run `python -m pipeline teacher` first or set distill.teacher")
     return best
@@ -55,10 +65,42 @@ def validate_stage(cfg: PipelineConfig, stage: str) -> str | None:
                           f"{d.student!r} has none. Use distill.type=none for a plain baseline.")
     if d.student_pretrained not in ("none", "hub") and not os.path.isfile(d.student_pretrained):
         raise ConfigError(f"distill.student_pretrained: {d.student_pretrained!r} is not none, hub or an existing file")
-    return teacher_source(cfg) if d.type != "none" else None
+    return teacher_source(cfg) if d.type != "none" or d.method == "funmatch" else None
+
+
+def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) -> str:
+    """fixed_teacher: the teacher's logits on the centre-cropped training images, computed once.
+
+    Cached under ``<output_dir>/teacher_cache/`` by a key of the teacher checkpoint, the shards and
+    the crop, so a second run reuses it and a changed teacher rebuilds it.
+    """
+    import torch
+
+    from pipeline.evaluate import predict_logits
+
+    meta = checkpoints.read_meta(teacher) if os.path.isdir(teacher) else {}
+    weights = os.path.join(teacher, checkpoints.MODEL_FILE)
+    teacher_id = [meta.get("checkpoint_id", teacher), os.stat(weights).st_mtime_ns if os.path.isfile(weights) else None]
+    crop = cfg.train.crop_size or read_manifest(shard_dir)["image_size"]
+    key = fingerprint("teacher-logits", teacher_id, shard_dir, crop)[:16]
+    path = os.path.join(os.path.abspath(cfg.output_dir), "teacher_cache", f"{key}.pt")
+    if os.path.isfile(path):
+        log(f"distill: reusing cached teacher logits {path}")
+        return path
+    model, tmeta = checkpoints.load_model(teacher)
+    train = load_split(shard_dir, "train")
+    # Centre crops at the student's input size, as the paper's fixed teacher.
+    feed = {**tmeta, "input_size": crop, "eval_transform": "center_crop"}
+    logits = predict_logits(model, train.images, feed)["logits"]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"paths": train.paths, "logits": logits}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    log(f"distill: cached teacher logits for {len(train)} training images in {path}")
+    return path
 
 
 def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher: str | None) -> str:
+    # The teacher enters by the identity of its checkpoint, so a retrained teacher is a new run.
     section = to_dict(cfg.teacher if stage == "teacher" else cfg.distill)
     teacher_id = None
     if teacher and os.path.isdir(teacher):
@@ -89,15 +131,19 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     if force and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    stage_dir = os.path.join(os.path.abspath(cfg.output_dir), stage)
+    stage_dir = stage_output_dir(cfg, stage)
     os.makedirs(stage_dir, exist_ok=True)
 
     id_file = os.path.join(run_dir, "mlflow_run_id")
     previous = open(id_file).read().strip() if os.path.isfile(id_file) else None
     tags = {"method": cfg.distill.method if stage == "distill" else "finetune", "dataset": cfg.data.source,
             "ray_run": name}
-    if stage == "distill":
+    if stage == "distill" and cfg.distill.method == "deit":
         tags["distill_type"] = cfg.distill.type
+    if stage == "distill" and cfg.distill.method == "funmatch":
+        tags["teaching"] = cfg.distill.teaching
+    cache = teacher_cache(cfg, shard_dir, teacher, log) if stage == "distill" and cfg.distill.method == "funmatch" \
+        and cfg.distill.teaching == "fixed_teacher" else None
     run_id = tracker.stage_run(stage, tags, reuse_id=previous)
     if run_id:
         with open(id_file, "w") as f:
@@ -108,8 +154,11 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "stage": stage, "shard_dir": shard_dir, "teacher_source": teacher,
+                           "teacher_cache": cache,
                            "tracking_uri": tracker.uri, "run_id": run_id,
-                           "unsent_path": os.path.join(stage_dir, "mlflow_unsent.jsonl")},
+                           "unsent_path": os.path.join(stage_dir, "mlflow_unsent.jsonl"),
+                           # test hook (tests/reliability): PIPELINE_FAULT='{"epoch": 2, "marker": "/tmp/x"}'
+                           "fault": json.loads(os.environ["PIPELINE_FAULT"]) if os.environ.get("PIPELINE_FAULT") else None},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(
@@ -167,17 +216,20 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     summary.update({f"final_{s}_top1": e["top1"] for s, e in evaluation.items()})
     from pipeline.tracking import EpochLogger
 
-    EpochLogger(tracker.uri, run_id, cfg.tracking.fail_fast).log(summary, step=int(best_metrics.get("epoch", 0)))
+    EpochLogger(tracker.uri, run_id, cfg.tracking.fail_fast, once_per_step=False).log(summary, step=int(best_metrics.get("epoch", 0)))
     tracker.end(run_id)
+    with open(os.path.join(stage_dir, "result.json"), "w") as f:
+        json.dump({"stage": stage, "best_checkpoint": best_dir, "val_acc": best_metrics.get("val_acc"), "mlflow_run_id": run_id}, f, indent=2)
     return {
         "stage": stage,
+        "output": stage_dir,
         "ray_run": run_dir,
         "best_checkpoint": best_dir,
         "best_epoch": best_metrics.get("epoch"),
         "val_acc": best_metrics.get("val_acc"),
         "evaluation": {s: {k: v for k, v in e.items() if k != "confusion"} for s, e in evaluation.items()},
         "history": history,
-        "mlflow": {"tracking_uri": tracking_uri(cfg), "run_id": run_id, "model_uri": model_uri},
+        "mlflow": {"tracking_uri": tracker.uri, "run_id": run_id, "model_uri": model_uri},
         "artifacts": {"learning_curves": curves, "confusion": conf},
     }
 

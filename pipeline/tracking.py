@@ -18,6 +18,10 @@ from typing import Any, Callable, Iterator
 
 from pipeline.config import PipelineConfig, flatten, to_dict
 
+# MLflow's HTTP client retries for minutes by default; we retry (and buffer) ourselves.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
 
 class TrackingError(RuntimeError):
     """MLflow was unreachable and ``tracking.fail_fast`` is set."""
@@ -54,13 +58,29 @@ def git_commit() -> str:
 class EpochLogger:
     """Rank 0's metric logger: batches per epoch, buffers across outages, never raises unless fail_fast."""
 
-    def __init__(self, uri: str | None, run_id: str | None, fail_fast: bool = False, fallback_path: str | None = None):
+    def __init__(self, uri: str | None, run_id: str | None, fail_fast: bool = False, fallback_path: str | None = None,
+                 once_per_step: bool = True):
         self.uri, self.run_id, self.fail_fast, self.fallback_path = uri, run_id, fail_fast, fallback_path
         self.pending: list[tuple[str, float, int, int]] = []
+        self.logged_steps: set[int] | None = None if once_per_step else set()
+        self.once_per_step = once_per_step
+
+    def _already_logged(self) -> set[int]:
+        """Epochs this run already holds (a restarted attempt may redo an epoch whose checkpoint
+        Ray had not registered when the worker died): each epoch is logged exactly once."""
+        if self.logged_steps is None:
+            from mlflow.tracking import MlflowClient
+
+            ok, history = _attempt(lambda: MlflowClient(self.uri).get_metric_history(self.run_id, "train_loss"),
+                                   "read the run's metric history", self.fail_fast, tries=2)
+            self.logged_steps = {m.step for m in history} if ok else set()
+        return self.logged_steps
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.run_id:
+        if not self.run_id or (self.once_per_step and step in self._already_logged()):
             return
+        if self.once_per_step:
+            self.logged_steps.add(step)
         ts = int(time.time() * 1000)
         self.pending += [(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.flush(tries=2)
@@ -116,6 +136,13 @@ class Tracker:
             return exp_id, run.info.run_id
 
         ok, got = _attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
+        if not ok and not self.uri.startswith("sqlite"):
+            fallback = f"sqlite:///{os.path.abspath(os.path.join(self.cfg.output_dir, 'mlflow_fallback.db'))}"
+            os.makedirs(os.path.abspath(self.cfg.output_dir), exist_ok=True)
+            warnings.warn(f"MLflow at {self.uri} is unreachable: this invocation logs to the local store {fallback} "
+                          f"instead (`mlflow ui --backend-store-uri {fallback}` shows it)", stacklevel=2)
+            self.uri = fallback
+            ok, got = _attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
         if ok:
             self.experiment_id, self.parent_id = got
             self.log_params(self.parent_id, flatten(to_dict(self.cfg)))

@@ -72,6 +72,9 @@ class LoopContext:
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     log_metrics: Callable[[dict[str, float], int], None] | None = None
     print_fn: Callable[[str], None] = print
+    # Fault injection for the reliability tests: {"epoch": k, "marker": path} kills this worker
+    # process once, right after epoch k was reported (the marker file makes it happen only once).
+    fault: dict[str, Any] | None = None
 
 
 def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, world: int, batch: int = 256) -> dict[str, float]:
@@ -90,11 +93,14 @@ def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, w
             out = task.eval_outputs(model, x)
         if sums is None:
             keys = ["count", "loss"] + [f"correct:{k}" for k in out] + (["agree"] if "teacher" in out else [])
+            keys += ["kl"] if "teacher" in out and hasattr(task, "kl") else []
             sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
         vals = [float(len(y)), F.cross_entropy(out["logits"].float(), y, reduction="sum").double() if len(y) else 0.0]
         vals += [(out[k].argmax(-1) == y).sum().double() for k in out]
         if "teacher" in out:
             vals.append((out["logits"].argmax(-1) == out["teacher"].argmax(-1)).sum().double())
+        if "kl" in keys:  # the distillation loss on un-mixed validation images
+            vals.append(task.kl(out["logits"].float(), out["teacher"]).double() * len(y) if len(y) else 0.0)
         sums += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in vals])
         pred = out["logits"].argmax(-1)
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).double()
@@ -103,20 +109,22 @@ def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, w
     metrics = {"val_count": packed[0].item(), "val_loss": packed[1].item() / n}
     for j, k in enumerate(keys[2:], start=2):
         name = k.split(":", 1)[-1]
-        label = {"logits": "val_acc", "teacher": "val_teacher_acc", "agree": "val_agreement"}.get(name, f"val_acc_{name.removeprefix('logits_')}")
+        label = {"logits": "val_acc", "teacher": "val_teacher_acc", "agree": "val_agreement", "kl": "val_kl"}.get(
+            name, f"val_acc_{name.removeprefix('logits_')}")
         metrics[label] = packed[j].item() / n
     metrics["_confusion"] = packed[len(keys) :].view(num_classes, num_classes).tolist()
     return metrics
 
 
-def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, teacher_source: str | None = None) -> None:
+def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, teacher_source: str | None = None,
+             teacher_cache: str | None = None) -> None:
     """Train ``stage`` on this worker's part of the data; report every epoch, checkpoint every k."""
     tcfg = cfg.train
     device, rank, world = ctx.device, ctx.rank, ctx.world
     manifest = read_manifest(shard_dir)
     crop = tcfg.crop_size or manifest["image_size"]
     torch.manual_seed(_seed_for(tcfg.seed, -1, 0))  # same initial weights on every rank
-    task = build_task(stage, cfg, manifest, device, teacher_source)
+    task = build_task(stage, cfg, manifest, device, teacher_source, teacher_cache)
     ocfg = task.opt_cfg
     channels_last = tcfg.channels_last == "on" or (tcfg.channels_last == "auto" and device.type == "cuda")
     model = task.model.to(device)
@@ -125,6 +133,8 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
 
     train = load_split(shard_dir, "train", rank, world, device)
     val = load_split(shard_dir, "val", rank, world, device)
+    if hasattr(task, "bind_train_part"):
+        task.bind_train_part(train.paths, device)
     n_train = manifest["split_sizes"]["train"]
     per_worker = max(1, ocfg.batch_size // world)
     per_worker = min(per_worker, max(1, n_train // world))
@@ -181,10 +191,13 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
             order = torch.randperm(len(train), generator=gen, device=device)
             for step in range(steps_per_epoch):
                 idx = order[(step * per_worker) % max(len(train), 1) :][:per_worker]
-                x = batch_for_training(train.images, idx, tcfg, crop, task.mean, task.std, gen, channels_last)
                 y = train.labels[idx]
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    out = task.train_step(model, x, y)
+                    if hasattr(task, "train_step_from"):  # the task builds its own inputs (function matching)
+                        out = task.train_step_from(model, train.images, idx, gen, channels_last)
+                    else:
+                        x = batch_for_training(train.images, idx, tcfg, crop, task.mean, task.std, gen, channels_last)
+                        out = task.train_step(model, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(out["loss"]).backward()
                 if ocfg.grad_clip:
@@ -195,7 +208,8 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
                 global_step += 1
                 scheduler.step_update(num_updates=global_step)
                 b = float(len(y))
-                sums += torch.stack([out["loss"].detach().double() * b, (out["logits"].argmax(-1) == y).sum().double(),
+                target = out.get("target", y)
+                sums += torch.stack([out["loss"].detach().double() * b, (out["logits"].argmax(-1) == target).sum().double(),
                                      torch.tensor(b, dtype=torch.float64, device=device)])
                 for k, v in out.items():
                     if k.startswith("loss_"):
@@ -241,6 +255,10 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
                 ctx.report(metrics, ckpt_dir)
         else:
             ctx.report(metrics, None)
+        if ctx.fault and ctx.fault["epoch"] == epoch + 1 and rank == ctx.fault.get("rank", 0) and not os.path.exists(ctx.fault["marker"]):
+            open(ctx.fault["marker"], "w").close()
+            ctx.print_fn(f"[{stage}] fault injection: killing worker {rank} after epoch {epoch + 1}")
+            os._exit(1)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -267,8 +285,8 @@ def train_worker(config: dict[str, Any]) -> None:
     resume_dir = resume_ctx.__enter__() if resume_ctx else None
     try:
         ctx = LoopContext(rank, world, device, report, resume_dir, ray.train.torch.prepare_model,
-                          logger.log if logger else None, print_fn=print)
-        run_loop(cfg, config["stage"], config["shard_dir"], ctx, config.get("teacher_source"))
+                          logger.log if logger else None, print_fn=print, fault=config.get("fault"))
+        run_loop(cfg, config["stage"], config["shard_dir"], ctx, config.get("teacher_source"), config.get("teacher_cache"))
     finally:
         if resume_ctx:
             resume_ctx.__exit__(None, None, None)

@@ -120,9 +120,106 @@ class DeitTask:
         return out
 
 
-def build_task(stage: str, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str | None = None):
+class FunMatchTask:
+    """Function matching (Beyer et al. 2022): no labels, KL to the teacher at temperature T, on
+    inputs chosen by ``distill.teaching``:
+
+    - ``function_matching``: one inception crop + flip per image, then mixup with the rolled batch;
+      teacher and student get that exact tensor.
+    - ``consistent``: the same crop for both, no mixup.
+    - ``independent_noise``: teacher and student get independently drawn crops of the same images.
+    - ``fixed_teacher``: the teacher's logits on centre crops, computed once and cached; the student
+      sees random crops.
+    """
+
+    name = "distill"
+
+    def __init__(self, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str,
+                 teacher_cache: str | None = None):
+        d = cfg.distill
+        self.cfg, self.opt_cfg, self.teaching = cfg, d, d.teaching
+        self.crop = cfg.train.crop_size or manifest["image_size"]
+        self.model, self.meta = build_student(d.student, d.student_pretrained, manifest["num_classes"], self.crop, d.drop_path)
+        self.mean, self.std = self.meta["mean"], self.meta["std"]
+        self.teacher, tmeta = checkpoints.load_model(teacher_source, device)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher_mean, self.teacher_std = tmeta["mean"], tmeta["std"]
+        self.cached: dict[str, torch.Tensor] | None = None
+        if self.teaching == "fixed_teacher":
+            if teacher_cache is None:
+                raise ValueError("fixed_teacher needs the cached teacher logits")
+            cache = torch.load(teacher_cache, map_location="cpu", weights_only=True)
+            self.cached = {"paths": cache["paths"], "logits": cache["logits"]}
+        self.part_logits: torch.Tensor | None = None
+        self.record: list[dict[str, torch.Tensor]] | None = None  # tests set a list to see what each model got
+
+    def bind_train_part(self, paths: list[str], device: torch.device) -> None:
+        """fixed_teacher: line the cached logits up with this worker's rows of the training split."""
+        if self.cached is not None:
+            row = {p: i for i, p in enumerate(self.cached["paths"])}
+            missing = [p for p in paths if p not in row]
+            if missing:
+                raise ValueError(f"teacher cache lacks {len(missing)} training images (e.g. {missing[0]}); rebuild it")
+            self.part_logits = self.cached["logits"][[row[p] for p in paths]].to(device)
+
+    def optimizer_target(self, model: nn.Module):
+        return unwrap(model)
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    def kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        d = self.opt_cfg
+        return losses.soft_kl(student_logits, teacher_logits, d.temperature, d.kl_t2_scale)
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        xt = augment.renormalize(x, self.mean, self.std, self.teacher_mean, self.teacher_std)
+        with torch.no_grad():
+            return self.teacher(xt).float()
+
+    def train_inputs(self, images: torch.Tensor, idx: torch.Tensor, gen: torch.Generator | None, channels_last: bool = False):
+        """(student input, teacher input or None, cached teacher logits or None) for rows ``idx``."""
+        d, scale = self.opt_cfg, tuple(self.cfg.train.inception_scale)
+        base = augment.to_float(images[idx], self.mean, self.std, channels_last)
+        boxes = augment.sample_crop_boxes(len(idx), base.shape[-2], base.shape[-1], scale, generator=gen, device=base.device)
+        x = augment.random_flip(augment.crop_resize_boxes(base, boxes, self.crop), gen)
+        record = {"idx": idx, "student_boxes": boxes}
+        x_teacher, cached = x, None
+        if self.teaching == "function_matching":
+            lam = augment.sample_mixup_lambda(gen, base.device, fold=d.mixup_fold)
+            x = augment.mixup_rolled(x, lam, reverse=d.mixup_partner == "reverse")
+            x_teacher = x  # mixed once; both models get this very tensor
+            record["lambda"] = lam
+        elif self.teaching == "independent_noise":
+            tboxes = augment.sample_crop_boxes(len(idx), base.shape[-2], base.shape[-1], scale, generator=gen, device=base.device)
+            x_teacher = augment.random_flip(augment.crop_resize_boxes(base, tboxes, self.crop), gen)
+            record["teacher_boxes"] = tboxes
+        elif self.teaching == "fixed_teacher":
+            x_teacher, cached = None, self.part_logits[idx]
+        if self.record is not None:
+            self.record.append({**record, "student_input": x, "teacher_input": x_teacher})
+        return x, x_teacher, cached
+
+    def train_step_from(self, model: nn.Module, images: torch.Tensor, idx: torch.Tensor, gen, channels_last: bool) -> dict[str, torch.Tensor]:
+        x, x_teacher, cached = self.train_inputs(images, idx, gen, channels_last)
+        t = cached if cached is not None else self.teacher_logits(x_teacher)
+        s = model(x)
+        loss = self.kl(s, t)
+        # Labels play no part; "accuracy" on training batches is agreement with the teacher.
+        return {"loss": loss, "logits": s.detach(), "target": t.argmax(-1), "loss_kl": loss.detach()}
+
+    @torch.no_grad()
+    def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": unwrap(model)(x), "teacher": self.teacher_logits(x)}
+
+
+def build_task(stage: str, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str | None = None,
+               teacher_cache: str | None = None):
     if stage == "teacher":
         return TeacherTask(cfg, manifest, device)
+    if stage == "distill" and cfg.distill.method == "funmatch":
+        return FunMatchTask(cfg, manifest, device, teacher_source, teacher_cache)
     if stage == "distill":
         return DeitTask(cfg, manifest, device, teacher_source)
     raise ValueError(f"unknown training stage {stage!r}")

@@ -68,11 +68,24 @@ def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _run_sweep(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.sweep import run_sweep, validate_space
+    from pipeline.tracking import tracked
+
+    validate_space(cfg)  # before anything starts
+    with tracked(cfg, "sweep") as tracker:
+        result = run_sweep(cfg, tracker, resume=args.resume)
+    print(f"sweep: {len(result['trials'])} trials; table {result['table']}; plots {result['plot']}; "
+          f"MLflow parent run {result['mlflow']['parent_run_id']} ({result['mlflow']['tracking_uri']})")
+    return result
+
+
 STAGES: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], dict[str, Any]]]] = {
     "preprocess": ("decode images with Ray Data into Parquet shards + manifest", _run_preprocess),
     "teacher": ("fine-tune the teacher on Ray Train (TorchTrainer), tracked in MLflow", _training_stage("teacher")),
     "distill": ("distil a student from the teacher (distill.method=deit) on Ray Train", _training_stage("distill")),
     "run": ("preprocess, teacher and distill in one go (one MLflow parent run)", _run_all),
+    "sweep": ("Ray Tune sweep of a training stage over tune.space (ASHA early stopping)", _run_sweep),
 }
 
 
@@ -83,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); defaults: the embedded demo")
         p.add_argument("--force", action="store_true", help="rebuild outputs even if identical ones exist")
+        if name == "sweep":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     ev = sub.add_parser("evaluate", help="top-1 and per-class accuracy of a model on a class-per-folder tree (JSON)")
     ev.add_argument("--model", required=True, help="checkpoint directory (e.g. outputs/demo/distill/best) or models:/NAME/VERSION")

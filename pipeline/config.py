@@ -79,6 +79,7 @@ class TrackingConfig(_Section):
     experiment: str = Field("flower-distill", min_length=1)
     fail_fast: bool = Field(False, description="stop when MLflow is unreachable instead of warning and buffering")
     register_models: bool = True
+    log_models: bool = Field(True, description="log each stage's model to MLflow (mlflow.pytorch.log_model)")
 
 
 class TrainConfig(_Section):
@@ -142,6 +143,52 @@ class DistillConfig(OptimConfig):
     mixup_partner: Literal["roll", "reverse"] = Field("roll", description="roll: image i-1 (big_vision); reverse: image n-1-i (Keras)")
 
 
+class SearchDim(_Section):
+    """One swept key: ``uniform``/``loguniform`` over [low, high], ``randint`` in [low, high), or ``choice`` of values."""
+
+    type: Literal["uniform", "loguniform", "randint", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchDim":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"a {self.type} range needs 'low' and 'high'")
+            if not self.low < self.high:
+                raise ValueError(f"empty range: low ({self.low}) must be < high ({self.high})")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0 (got {self.low})")
+        return self
+
+
+def _default_space() -> dict[str, SearchDim]:
+    return {
+        "distill.temperature": SearchDim(type="uniform", low=1.0, high=10.0),
+        "distill.lr": SearchDim(type="loguniform", low=1e-4, high=1e-2),
+        "distill.alpha": SearchDim(type="uniform", low=0.1, high=0.9),
+    }
+
+
+class SweepConfig(_Section):
+    """Ray Tune around one training stage."""
+
+    stage: Literal["distill", "teacher"] = "distill"
+    space: dict[str, SearchDim] = Field(default_factory=_default_space, description="dotted config key -> search dimension")
+    search: Literal["random", "grid"] = Field("random", description="grid: every combination of 'choice' values")
+    num_samples: int = Field(4, ge=1, description="random: trials; grid: repeats of the whole grid")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster's CPUs/GPUs fit")
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
 class PipelineConfig(_Section):
     output_dir: str = "outputs"
     data: DataConfig = DataConfig()
@@ -150,6 +197,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
+    tune: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
@@ -248,6 +296,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
     return absolute_paths(cfg)
+
+
+def validate_tree(tree: dict[str, Any], source: str) -> PipelineConfig:
+    """A config from a nested dict, with the same error messages as :func:`load_config`."""
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
 
 
 def _absolute(path: str | None) -> str | None:

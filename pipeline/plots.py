@@ -41,3 +41,22 @@ def confusion_matrix(confusion: list[list[int]], class_names: list[str], path: s
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def sweep_scatter(rows: list[dict], keys: list[str], metric: str, path: str) -> str:
+    """The metric of every trial against each swept key, one panel per key."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [r[key] for r in rows]
+        ys = [r[metric] for r in rows]
+        colours = ["tab:red" if r.get("stopped_early") else "tab:blue" for r in rows]
+        ax.scatter(xs, ys, c=colours)
+        if all(isinstance(x, (int, float)) and x > 0 for x in xs) and max(xs) / max(min(xs), 1e-12) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"{metric} per trial (red: stopped early by ASHA)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

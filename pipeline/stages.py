@@ -110,7 +110,8 @@ def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher:
     return fingerprint(stage, section, to_dict(cfg.train), shard_dir, to_dict(cfg.ray), teacher_id)
 
 
-def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force: bool = False, log=print) -> dict[str, Any]:
+def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force: bool = False, log=print,
+                       shard_dir: str | None = None, extra_tags: dict[str, str] | None = None, callbacks=None) -> dict[str, Any]:
     """Fit ``stage`` with a TorchTrainer (resuming a run of the same config), publish its best
     checkpoint under ``<output_dir>/<stage>/best`` and log it to MLflow."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -119,7 +120,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     from pipeline.cluster import init_ray
     from pipeline.train.loop import train_worker
 
-    shard_dir = shard_dir_of(cfg)
+    shard_dir = shard_dir or shard_dir_of(cfg)
     teacher = validate_stage(cfg, stage)
     manifest = read_manifest(shard_dir)
     if manifest["split_sizes"]["val"] == 0:
@@ -137,7 +138,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     id_file = os.path.join(run_dir, "mlflow_run_id")
     previous = open(id_file).read().strip() if os.path.isfile(id_file) else None
     tags = {"method": cfg.distill.method if stage == "distill" else "finetune", "dataset": cfg.data.source,
-            "ray_run": name}
+            "ray_run": name, **(extra_tags or {})}
     if stage == "distill" and cfg.distill.method == "deit":
         tags["distill_type"] = cfg.distill.type
     if stage == "distill" and cfg.distill.method == "funmatch":
@@ -167,6 +168,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_acc",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks,
         ),
     )
     log(f"{stage}: training {opt.epochs} epochs on {cfg.ray.num_workers} worker(s) ({'GPU' if cfg.ray.use_gpu else 'CPU'}); "
@@ -211,7 +213,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
 
     example = model_inputs(load_split(shard_dir, "val").images[:2], meta)
     suffix = "teacher" if stage == "teacher" else "student"
-    model_uri = tracker.log_model(run_id, model, meta, example, f"{cfg.tracking.experiment}-{suffix}")
+    model_uri = tracker.log_model(run_id, model, meta, example, f"{cfg.tracking.experiment}-{suffix}") if cfg.tracking.log_models else None
     summary = {f"best_{k}": v for k, v in best_metrics.items() if isinstance(v, (int, float))}
     summary.update({f"final_{s}_top1": e["top1"] for s, e in evaluation.items()})
     from pipeline.tracking import EpochLogger

@@ -122,6 +122,25 @@ class Tracker:
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
 
+    @classmethod
+    def attach(cls, cfg: PipelineConfig, uri: str, experiment_id: str | None, parent_id: str | None) -> "Tracker":
+        """A tracker for a process that joins runs created elsewhere (a sweep trial)."""
+        tracker = cls(cfg, "trial")
+        tracker.uri, tracker.experiment_id, tracker.parent_id = uri, experiment_id, parent_id
+        return tracker
+
+    def register(self, model_uri: str, name: str) -> str | None:
+        """Register a logged model; returns ``models:/name/version``."""
+        import mlflow
+
+        def send():
+            mlflow.set_tracking_uri(self.uri)
+            version = mlflow.register_model(model_uri, name)
+            return f"models:/{name}/{version.version}"
+
+        ok, uri = _attempt(send, f"register {model_uri} as {name}", self.fail_fast)
+        return uri if ok else None
+
     def _client(self):
         from mlflow.tracking import MlflowClient
 

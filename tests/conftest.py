@@ -19,7 +19,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        # The dashboard serves the state API that Ray Train V2 uses to clean up after stopped runs
+        # (without it a trial stopped by ASHA keeps its placement group and later trials starve).
+        ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

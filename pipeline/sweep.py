@@ -1,0 +1,236 @@
+"""Ray Tune sweeps around a training stage (Ray Train V2 pattern).
+
+Each trial is a function trainable that builds and fits a ``TorchTrainer`` (through the same
+``run_training_stage`` as a single run); ``TuneReportCallback`` forwards each epoch's metrics to
+Tune, where ASHA may stop a trial early. MLflow holds one parent run for the sweep and one child
+run per trial; the best trial is tagged and its model registered; the parent gets a summary table
+and plots of the metric against every swept key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import ConfigError, PipelineConfig, _set_dotted, fingerprint, to_dict, validate_tree
+from pipeline.tracking import Tracker
+
+FLAT_SEP = "/"
+DRIVER_CPU = 0.01  # Tune's param space is flat here: "distill/lr" stands for distill.lr
+
+
+def validate_space(cfg: PipelineConfig) -> None:
+    """Every swept key must exist and accept the values the space can produce, before any trial starts."""
+    sweep = cfg.tune
+    if not sweep.space:
+        raise ConfigError("tune.space is empty: give at least one key to sweep")
+    for key, dim in sweep.space.items():
+        probes = dim.values if dim.type == "choice" else [dim.low, dim.high] if dim.type != "randint" else [int(dim.low), int(dim.high) - 1]
+        for value in probes:
+            tree: dict[str, Any] = {}
+            try:
+                _set_dotted(tree, key, value)
+                validate_tree(tree, f"tune.space['{key}']")
+            except ConfigError as exc:
+                detail = str(exc).split("\n", 1)[-1].strip()
+                raise ConfigError(f"tune.space['{key}']: value {value!r} is not valid for that key: {detail}") from None
+        if key.split(".")[0] not in ("data", "train", "teacher", "distill") or key.startswith("data."):
+            raise ConfigError(f"tune.space['{key}']: only train.*, teacher.* and distill.* keys can be swept")
+    if sweep.search == "grid" and any(d.type != "choice" for d in sweep.space.values()):
+        raise ConfigError("tune.search=grid needs every dimension of tune.space to be a 'choice' of values")
+
+
+def _tune_space(cfg: PipelineConfig) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for key, d in cfg.tune.space.items():
+        name = key.replace(".", FLAT_SEP)
+        if d.type == "choice":
+            out[name] = tune.grid_search(d.values) if cfg.tune.search == "grid" else tune.choice(d.values)
+        elif d.type == "uniform":
+            out[name] = tune.uniform(d.low, d.high)
+        elif d.type == "loguniform":
+            out[name] = tune.loguniform(d.low, d.high)
+        else:
+            out[name] = tune.randint(int(d.low), int(d.high))
+    return out
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], trial_dir: str, teacher: str | None) -> PipelineConfig:
+    tree = json.loads(json.dumps(base))
+    for name, value in params.items():
+        _set_dotted(tree, name.replace(FLAT_SEP, "."), value.item() if hasattr(value, "item") else value)
+    tree["output_dir"] = trial_dir
+    # The sweep logs and registers the best trial's model itself: Tune may stop a trial right after
+    # its last report, before a trial could log anything after fit().
+    tree["tracking"]["register_models"] = False
+    tree["tracking"]["log_models"] = False
+    if teacher:
+        tree["distill"]["teacher"] = teacher
+    return PipelineConfig.model_validate(tree)
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One trial: a TorchTrainer run of the stage with this trial's values."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.stages import run_training_stage
+
+    ctx = tune.get_context()
+    trial_dir = os.path.join(config["sweep_dir"], "trials", ctx.get_trial_id())
+    cfg = trial_config(config["base"], config["params"], trial_dir, config["teacher"])
+    tracker = Tracker.attach(cfg, config["tracking_uri"], config["experiment_id"], config["parent_id"])
+    tags = {"sweep": config["sweep_name"], "trial_id": ctx.get_trial_id(),
+            **{f"swept.{k.replace(FLAT_SEP, '.')}": str(v) for k, v in config["params"].items()}}
+    run_training_stage(cfg, config["stage"], tracker, shard_dir=config["shard_dir"], extra_tags=tags,
+                       callbacks=[TuneReportCallback()], log=lambda *_: None)
+
+
+def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=print) -> dict[str, Any]:
+    """Run (or ``resume``) the sweep; return the best trial and a summary of all."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipeline.cluster import init_ray
+    from pipeline.stages import shard_dir_of, validate_stage
+
+    validate_space(cfg)
+    sweep = cfg.tune
+    shard_dir = shard_dir_of(cfg)
+    teacher = validate_stage(cfg, sweep.stage)
+    name = f"sweep-{sweep.stage}-{fingerprint(to_dict(cfg.tune), to_dict(cfg.distill if sweep.stage == 'distill' else cfg.teacher), to_dict(cfg.train), shard_dir)[:12]}"
+    storage_path = os.path.abspath(os.path.join(cfg.output_dir, "sweeps"))
+    sweep_dir = os.path.join(storage_path, name)
+    os.makedirs(sweep_dir, exist_ok=True)
+    init_ray(cfg.ray)
+    import ray
+
+    epochs = (cfg.distill if sweep.stage == "distill" else cfg.teacher).epochs
+    per_trial_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker + DRIVER_CPU
+    cpus = ray.cluster_resources().get("CPU", 1)
+    concurrent = sweep.max_concurrent_trials or max(1, int(cpus // per_trial_cpu))
+    if cfg.ray.use_gpu:
+        concurrent = min(concurrent, max(1, int(ray.cluster_resources().get("GPU", 1) // cfg.ray.num_workers)))
+
+    id_file = os.path.join(sweep_dir, "mlflow_parent_run_id")
+    parent_id = open(id_file).read().strip() if resume and os.path.isfile(id_file) else None
+    parent_id = tracker.stage_run(f"sweep-{sweep.stage}", {"sweep": name}, reuse_id=parent_id)
+    if parent_id:
+        with open(id_file, "w") as f:
+            f.write(parent_id)
+    base = to_dict(cfg)
+    # The trial function only drives a TorchTrainer whose workers hold the CPUs/GPUs; Tune refuses
+    # an empty request, so it asks for a sliver of a CPU.
+    trainable = tune.with_resources(_trial, {"cpu": DRIVER_CPU})
+    param_space = {
+        "params": _tune_space(cfg), "base": base, "stage": sweep.stage, "shard_dir": shard_dir, "teacher": teacher,
+        "sweep_dir": sweep_dir, "sweep_name": name, "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
+        "parent_id": parent_id,
+    }
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=min(sweep.grace_period, epochs),
+                               reduction_factor=sweep.reduction_factor) if sweep.scheduler == "asha" else None)
+    tune_config = tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                                  max_concurrent_trials=concurrent, scheduler=scheduler)
+    if resume and tune.Tuner.can_restore(sweep_dir):
+        log(f"sweep: resuming {sweep_dir} (finished trials are kept)")
+        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, param_space=param_space, resume_errored=True)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                           run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0))
+    log(f"sweep: {sweep.num_samples} sample(s) over {', '.join(sweep.space)}; {concurrent} trial(s) at a time; {sweep_dir}")
+    results = tuner.fit()
+    return summarize(cfg, tracker, results, parent_id, sweep_dir, name, epochs, log)
+
+
+def _best_checkpoint(df, metric: str, mode: str) -> str | None:
+    """The checkpoint reported with the trial's best value of ``metric`` (Tune's ``checkpoint_path``)."""
+    if df is None or metric not in df or "checkpoint_path" not in df:
+        return None
+    rows = df[df["checkpoint_path"].notna()].sort_values(metric, ascending=mode == "min")
+    # Ray keeps the best few checkpoints by validation accuracy; the sweep's metric may rank others first.
+    for path in rows["checkpoint_path"]:
+        if os.path.isdir(str(path)):
+            return str(path)
+    return None
+
+
+def shard_dir_for_summary(cfg: PipelineConfig) -> str:
+    from pipeline.stages import shard_dir_of
+
+    return shard_dir_of(cfg)
+
+
+def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: str, epochs: int, log) -> dict[str, Any]:
+    """Table + plots on the parent run, the best trial tagged and registered, stopped trials marked."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import plots
+
+    sweep = cfg.tune
+    client = MlflowClient(tracker.uri)
+    children = {}
+    if tracker.experiment_id and parent_id:
+        for run in client.search_runs([tracker.experiment_id], filter_string=f"tags.sweep = '{name}' and tags.`mlflow.parentRunId` = '{parent_id}'"):
+            children[run.data.tags.get("trial_id")] = run
+    rows = []
+    for r in results:
+        if r.metrics is None or "trial_id" not in (r.metrics or {}):
+            continue
+        trial_id = r.metrics["trial_id"]
+        df = r.metrics_dataframe
+        best_metric = (df[sweep.metric].max() if sweep.mode == "max" else df[sweep.metric].min()) if df is not None and sweep.metric in df else None
+        last_epoch = int(r.metrics.get("epoch", 0))
+        row = {"trial_id": trial_id, **{k.replace(FLAT_SEP, "."): v for k, v in r.config["params"].items()},
+               sweep.metric: best_metric, "epochs_run": last_epoch, "stopped_early": last_epoch < epochs,
+               "error": str(r.error)[:200] if r.error else ""}
+        run = children.get(trial_id)
+        row["mlflow_run_id"] = run.info.run_id if run else None
+        row["best_checkpoint"] = _best_checkpoint(df, sweep.metric, sweep.mode)
+        if run:
+            if row["stopped_early"]:
+                tracker.set_tags(run.info.run_id, {"stopped_early": "true"})
+            tracker.end(run.info.run_id, "KILLED" if row["stopped_early"] else "FINISHED")
+        rows.append(row)
+    if not rows:
+        raise RuntimeError(f"no trial of {name} reported a metric; see the trial logs under {sweep_dir}")
+    scored = [r for r in rows if r[sweep.metric] is not None]
+    best = (max if sweep.mode == "max" else min)(scored, key=lambda r: r[sweep.metric])
+    os.makedirs(sweep_dir, exist_ok=True)
+    table_md = os.path.join(sweep_dir, "trials.md")
+    keys = [k for k in rows[0] if k != "best_checkpoint"]
+    with open(table_md, "w") as f:
+        f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
+        for r in sorted(scored, key=lambda r: r[sweep.metric], reverse=sweep.mode == "max"):
+            f.write("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |\n")
+    table_csv = os.path.join(sweep_dir, "trials.csv")
+    import csv
+
+    with open(table_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    plot = plots.sweep_scatter(scored, list(cfg.tune.space), sweep.metric, os.path.join(sweep_dir, "metric_vs_params.png"))
+    for path in (table_md, table_csv, plot):
+        tracker.log_artifact(parent_id, path)
+    model_uri = None
+    if best.get("mlflow_run_id"):
+        tracker.set_tags(best["mlflow_run_id"], {"best_trial": "true"})
+        tracker.set_tags(parent_id, {"best_trial_id": best["trial_id"], "best_run_id": best["mlflow_run_id"]})
+        if best["best_checkpoint"] and cfg.tracking.log_models:
+            from pipeline.checkpoints import load_model
+            from pipeline.data.loading import load_split
+            from pipeline.evaluate import model_inputs
+
+            model, meta = load_model(best["best_checkpoint"])
+            example = model_inputs(load_split(shard_dir_for_summary(cfg), "val").images[:2], meta)
+            suffix = "teacher" if sweep.stage == "teacher" else "student"
+            model_uri = tracker.log_model(best["mlflow_run_id"], model, meta, example, f"{cfg.tracking.experiment}-{suffix}")
+    tracker.end(parent_id)
+    log(f"sweep: best trial {best['trial_id']} {sweep.metric}={best[sweep.metric]:.4f} "
+        + " ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.tune.space))
+    return {"stage": "sweep", "sweep_dir": sweep_dir, "best": best, "trials": rows, "table": table_md,
+            "plot": plot, "mlflow": {"tracking_uri": tracker.uri, "parent_run_id": parent_id, "registered_model": model_uri}}

@@ -1,0 +1,108 @@
+"""Ray Tune sweeps: ASHA stops trials, the best is the best, MLflow holds parent + children, resume."""
+
+import pytest
+import torch
+
+from pipeline import checkpoints
+from pipeline.config import ConfigError, load_config
+from pipeline.models import build_teacher
+from pipeline.sweep import validate_space
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, tmp_path_factory):
+    from pipeline.cli import write_stage_result
+    from pipeline.data.preprocess import preprocess
+    from pipeline.sweep import run_sweep
+    from pipeline.tracking import tracked
+
+    out = tmp_path_factory.mktemp("sweep")
+    torch.manual_seed(0)
+    teacher, meta = build_teacher("resnet10t", "none", 5)
+    meta.update(class_names=[str(i) for i in range(5)], num_classes=5, image_size=36, resize_mode="squash", input_size=32,
+                eval_transform="resize", mean=[0.5] * 3, std=[0.5] * 3)
+    checkpoints.save(str(out / "teacher"), teacher.state_dict(), meta)
+    # A grid with known-bad learning rates, one trial at a time, so ASHA's decision is deterministic:
+    # the first trial reaches rung 1 unopposed, a trial that barely moves (lr 1e-7) falls below it.
+    space = "{distill.lr: {type: choice, values: [0.01, 0.0000001, 0.005, 0.0000001]}, distill.alpha: {type: choice, values: [0.5]}}"
+    cfg = load_config(None, [
+        f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", "tracking.experiment=sweeps",
+        "data.synthetic.images_per_class=40", "data.synthetic.image_size=40", "data.image_size=36", "data.val_fraction=0.25",
+        "train.crop_size=32", "ray.num_workers=1", "ray.cpus_per_worker=0.95", f"distill.teacher={out / 'teacher'}", "distill.epochs=4",
+        "distill.batch_size=16", "distill.scale_lr=false", "distill.drop_path=0.0", "distill.type=none", "distill.student=resnet10t",
+        f"tune.space={space}", "tune.search=grid", "tune.num_samples=1", "tune.max_concurrent_trials=1",
+        "tune.metric=val_loss", "tune.mode=min", "tune.grace_period=1", "tune.reduction_factor=2",
+    ])
+    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+    with tracked(cfg, "sweep") as tracker:
+        result = run_sweep(cfg, tracker, log=lambda *_: None)
+    return {"cfg": cfg, "result": result, "out": out}
+
+
+def best_lr(trials):
+    return min(trials, key=lambda t: t["val_loss"])["distill.lr"]
+
+
+def test_asha_stops_a_trial_and_the_best_is_the_best(swept):
+    trials = swept["result"]["trials"]
+    assert len(trials) == 4
+    assert any(t["stopped_early"] for t in trials), trials
+    assert best_lr(trials) > 1e-6  # a learning trial wins over the ones that barely move
+    assert any(not t["stopped_early"] and t["epochs_run"] == 4 for t in trials)
+    best = swept["result"]["best"]
+    assert best["val_loss"] == min(t["val_loss"] for t in trials)
+
+
+def test_mlflow_holds_one_parent_and_a_child_per_trial(swept):
+    from mlflow.tracking import MlflowClient
+
+    cfg = swept["cfg"]
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweeps")
+    parent_id = swept["result"]["mlflow"]["parent_run_id"]
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == 4
+    by_trial = {t["trial_id"]: t for t in swept["result"]["trials"]}
+    for child in children:
+        trial = by_trial[child.data.tags["trial_id"]]
+        assert float(child.data.params["distill.lr"]) == pytest.approx(trial["distill.lr"])
+        assert float(child.data.params["distill.alpha"]) == pytest.approx(trial["distill.alpha"])
+        assert child.info.status == ("KILLED" if trial["stopped_early"] else "FINISHED")
+    best = [c for c in children if c.data.tags.get("best_trial") == "true"]
+    assert [c.data.tags["trial_id"] for c in best] == [swept["result"]["best"]["trial_id"]]
+    assert {"trials.md", "trials.csv", "metric_vs_params.png"} <= {a.path for a in client.list_artifacts(parent_id)}
+    assert client.search_model_versions("name='sweeps-student'")
+
+
+def test_resume_does_not_rerun_finished_trials(swept):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep import run_sweep
+    from pipeline.tracking import tracked
+
+    cfg = swept["cfg"]
+    with tracked(cfg, "sweep") as tracker:
+        again = run_sweep(cfg, tracker, resume=True, log=lambda *_: None)
+    assert sorted(t["trial_id"] for t in again["trials"]) == sorted(t["trial_id"] for t in swept["result"]["trials"])
+    client = MlflowClient(cfg.tracking.uri)
+    exp = client.get_experiment_by_name("sweeps")
+    parent_id = swept["result"]["mlflow"]["parent_run_id"]
+    assert again["mlflow"]["parent_run_id"] == parent_id
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    assert len(children) == 4  # no trial ran again
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ("{distill.lrr: {type: uniform, low: 0.1, high: 0.2}}", "unknown key"),
+        ("{distill.lr: {type: uniform, low: 0.2, high: 0.1}}", "empty range"),
+        ("{distill.alpha: {type: uniform, low: 0.5, high: 3.0}}", "less than or equal to 1"),
+        ("{distill.student: {type: uniform, low: 1.0, high: 2.0}}", "distill.student"),
+        ("{distill.lr: {type: choice, values: []}}", "non-empty"),
+        ("{data.image_size: {type: choice, values: [32, 64]}}", "only train"),
+    ],
+)
+def test_invalid_search_space_fails_before_any_trial(space, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_space(load_config(None, [f"tune.space={space}"]))

@@ -100,7 +100,7 @@ def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) 
 
 
 def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher: str | None) -> str:
-    # The teacher enters by the identity of its checkpoint, so a retrained teacher is a new run.
+    """Names the Ray run: same data, config and teacher checkpoint -> same run (resume); a retrained teacher -> a new run."""
     section = to_dict(cfg.teacher if stage == "teacher" else cfg.distill)
     teacher_id = None
     if teacher and os.path.isdir(teacher):

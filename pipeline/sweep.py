@@ -13,7 +13,6 @@ import json
 import os
 from typing import Any
 
-from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, _set_dotted, fingerprint, to_dict, validate_tree
 from pipeline.tracking import Tracker
 
@@ -158,12 +157,6 @@ def _best_checkpoint(df, metric: str, mode: str) -> str | None:
     return None
 
 
-def shard_dir_for_summary(cfg: PipelineConfig) -> str:
-    from pipeline.stages import shard_dir_of
-
-    return shard_dir_of(cfg)
-
-
 def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: str, epochs: int, log) -> dict[str, Any]:
     """Table + plots on the parent run, the best trial tagged and registered, stopped trials marked."""
     from mlflow.tracking import MlflowClient
@@ -224,9 +217,10 @@ def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: s
             from pipeline.checkpoints import load_model
             from pipeline.data.loading import load_split
             from pipeline.evaluate import model_inputs
+            from pipeline.stages import shard_dir_of
 
             model, meta = load_model(best["best_checkpoint"])
-            example = model_inputs(load_split(shard_dir_for_summary(cfg), "val").images[:2], meta)
+            example = model_inputs(load_split(shard_dir_of(cfg), "val").images[:2], meta)
             suffix = "teacher" if sweep.stage == "teacher" else "student"
             model_uri = tracker.log_model(best["mlflow_run_id"], model, meta, example, f"{cfg.tracking.experiment}-{suffix}")
     tracker.end(parent_id)

@@ -8,7 +8,6 @@ waits on the host (sums stay on the device until the epoch ends).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -86,7 +85,7 @@ def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, w
     for i in range(0, max(len(val), 1), batch):
         x = batch_for_eval(val.images[i : i + batch], tcfg, crop, task.mean, task.std)
         y = val.labels[i : i + batch]
-        if len(y) == 0:
+        if len(y) == 0:  # a rank without validation rows still learns the keys, so all ranks reduce alike
             out = task.eval_outputs(model, torch.zeros((1, *x.shape[1:]), device=device))
             out = {k: v[:0] for k, v in out.items()}
         else:
@@ -173,11 +172,9 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
             "eval_transform": tcfg.eval_transform}
     last_val: dict[str, float] = {}
     pending_logs: list[tuple[dict[str, float], int]] = []
-    if start_epoch >= ocfg.epochs:  # resumed a run that had finished: report its final state again
-        start_epoch = ocfg.epochs - 1
-        rerun_last = True
-    else:
-        rerun_last = False
+    # A resumed run that had already finished reports its final state again without training.
+    rerun_last = start_epoch >= ocfg.epochs
+    start_epoch = min(start_epoch, ocfg.epochs - 1)
 
     for epoch in range(start_epoch, ocfg.epochs):
         t0 = time.perf_counter()

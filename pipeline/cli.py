@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -24,16 +25,18 @@ def write_stage_result(cfg: PipelineConfig, stage: str, result: dict[str, Any]) 
     return path
 
 
-def _run_preprocess(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
+def _run_preprocess(cfg: PipelineConfig, args: argparse.Namespace, force: bool | None = None) -> dict[str, Any]:
     from pipeline.data.preprocess import preprocess
 
-    result = preprocess(cfg, force=args.force)
+    result = preprocess(cfg, force=args.force if force is None else force)
     sizes = ", ".join(f"{k} {v}" for k, v in result["split_sizes"].items())
     print(f"preprocess: {sizes}; {result['num_skipped']} skipped; shards in {result['shard_dir']}")
     return result
 
 
 def _print_training(result: dict[str, Any]) -> None:
+    if result.get("skipped"):
+        return
     ev = result["evaluation"].get("val", {})
     heads = "".join(f", {k} {v:.3f}" for k, v in ev.items() if k.startswith("top1_"))
     print(f"{result['stage']}: best epoch {result['best_epoch']}, val top-1 {ev.get('top1', float('nan')):.3f}{heads}; "
@@ -53,19 +56,63 @@ def _training_stage(stage: str):
     return run
 
 
+RUN_STAGES = ("preprocess", "teacher", "distill", "sweep")
+
+
 def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Every stage in order; each one is skipped when its output for the same fingerprint exists.
+
+    A forced (or changed) stage changes the fingerprint of the stages after it, so they follow.
+    """
     from pipeline.stages import run_training_stage
     from pipeline.tracking import tracked
 
+    forced = set(RUN_STAGES) if "all" in args.force else set(args.force)
+    if "sweep" in forced and not cfg.tune.in_run:
+        raise ConfigError("--force sweep: this config runs no sweep in `run`; set tune.in_run=true (and tune.space) to add one")
+    if cfg.tune.in_run:
+        from pipeline.sweep import validate_space
+
+        validate_space(cfg)  # a bad space must fail now, not after an hour of training
     results: dict[str, Any] = {"stage": "run"}
-    results["preprocess"] = _run_preprocess(cfg, args)
+    results["preprocess"] = _run_preprocess(cfg, args, force="preprocess" in forced)
     write_stage_result(cfg, "preprocess", results["preprocess"])
     with tracked(cfg, "run") as tracker:
         for stage in ("teacher", "distill"):
-            results[stage] = run_training_stage(cfg, stage, tracker, force=args.force)
+            results[stage] = run_training_stage(cfg, stage, tracker, force=stage in forced)
             write_stage_result(cfg, stage, results[stage])
             _print_training(results[stage])
+        if cfg.tune.in_run:
+            from pipeline.sweep import finished_sweep, run_sweep
+
+            done = None if "sweep" in forced else finished_sweep(cfg)
+            if done:
+                print(f"sweep: up to date (same fingerprint), skipped; results in {done['sweep_dir']}")
+                results["sweep"] = {**done, "skipped": True}
+            else:
+                results["sweep"] = run_sweep(cfg, tracker, resume="sweep" not in forced, force="sweep" in forced)
+            write_stage_result(cfg, "sweep", results["sweep"])
+        results["mlflow"] = {"tracking_uri": tracker.uri, "experiment": cfg.tracking.experiment, "parent_run_id": tracker.parent_id}
+    _print_where(results)
     return results
+
+
+def _print_where(results: dict[str, Any]) -> None:
+    """Where every output and MLflow run of a `run` is (the job's last words in `ray job logs`)."""
+    rows = [("stage", "status", "output", "MLflow run")]
+    pre = results["preprocess"]
+    rows.append(("preprocess", "reused" if pre.get("reused") else "built", pre["shard_dir"], "-"))
+    for stage in ("teacher", "distill"):
+        r = results[stage]
+        rows.append((stage, "skipped" if r.get("skipped") else "trained", r["best_checkpoint"], r["mlflow"]["run_id"] or "-"))
+    if "sweep" in results:
+        r = results["sweep"]
+        rows.append(("sweep", "skipped" if r.get("skipped") else "swept", r["sweep_dir"], r["mlflow"]["parent_run_id"] or "-"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    print("\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))
+    m = results["mlflow"]
+    print(f"MLflow: {m['tracking_uri']} experiment {m['experiment']!r}, parent run {m['parent_run_id']}; "
+          f"browse it with `mlflow ui --backend-store-uri {m['tracking_uri']}`")
 
 
 def _run_sweep(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -80,12 +127,20 @@ def _run_sweep(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _run_report(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.report import run_with_config
+
+    return run_with_config(cfg, args)
+
+
 STAGES: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], dict[str, Any]]]] = {
     "preprocess": ("decode images with Ray Data into Parquet shards + manifest", _run_preprocess),
     "teacher": ("fine-tune the teacher on Ray Train (TorchTrainer), tracked in MLflow", _training_stage("teacher")),
     "distill": ("distil a student from the teacher (distill.method=deit) on Ray Train", _training_stage("distill")),
-    "run": ("preprocess, teacher and distill in one go (one MLflow parent run)", _run_all),
+    "run": ("preprocess, teacher, distill (and the sweep if tune.in_run) in one go; stages already done are skipped", _run_all),
     "sweep": ("Ray Tune sweep of a training stage over tune.space (ASHA early stopping)", _run_sweep),
+    "report": ("compare teacher, baseline and students: top-1, size, CPU latency, agreement (Markdown/CSV/PNG + MLflow)",
+               _run_report),
 }
 
 
@@ -95,7 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); defaults: the embedded demo")
-        p.add_argument("--force", action="store_true", help="rebuild outputs even if identical ones exist")
+        if name == "report":
+            from pipeline.report import add_arguments
+
+            add_arguments(p, with_config=False)
+        elif name == "run":
+            p.add_argument("--force", action="append", default=[], metavar="STAGE", choices=[*RUN_STAGES, "all"],
+                           help="redo STAGE (preprocess, teacher, distill, sweep or all) even if its output exists; repeatable")
+        else:
+            p.add_argument("--force", action="store_true", help="redo this stage even if an output with the same fingerprint exists")
         if name == "sweep":
             p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -106,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", required=True, help="checkpoint directory or models:/NAME/VERSION")
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("images", nargs="+")
+    ms = sub.add_parser("mlflow-server", help="an MLflow tracking server for the runs (loopback only unless --host)")
+    ms.add_argument("--store", default="mlflow-server", help="directory for its SQLite store and artifacts")
+    ms.add_argument("--host", default="127.0.0.1",
+                    help="interface to bind; the server has no authentication, so keep 127.0.0.1 and tunnel (see README)")
+    ms.add_argument("--port", type=int, default=5000)
     return parser
 
 
@@ -127,13 +195,39 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage in ("evaluate", "predict"):
         return _model_command(args)
+    if args.stage == "mlflow-server":
+        from pipeline.servers import mlflow_server_command
+
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: MLflow listens on {args.host} without authentication; anyone who reaches it can read and delete runs",
+                  file=sys.stderr)
+        cmd = mlflow_server_command(args.store, args.host, args.port)
+        os.makedirs(os.path.abspath(args.store), exist_ok=True)
+        print(f"MLflow server: http://{args.host}:{args.port} (store {os.path.abspath(args.store)}); "
+              f"runs log to it with tracking.uri=http://{args.host}:{args.port}", file=sys.stderr)
+        os.execv(cmd[0], cmd)
     from pipeline.checkpoints import CheckpointError
     from pipeline.data.sources import DataError
 
+    from pipeline.config import BASE_DIR_ENV, base_dir, in_job_working_dir_copy
+
+    if in_job_working_dir_copy() and not os.environ.get(BASE_DIR_ENV):
+        print(f"note: running in a Ray job's temporary copy of the working directory; relative paths (output_dir, data.path, "
+              f"the MLflow store) resolve against {base_dir()}. Set {BASE_DIR_ENV} or give absolute paths to choose.", file=sys.stderr)
     try:
         cfg = load_config(args.config, args.overrides)
+        from pipeline.preflight import check_output_location
+
+        check_output_location(cfg, training=args.stage not in ("preprocess", "report"))  # an unwritable or full output location fails now, not at the first checkpoint
         result = STAGES[args.stage][1](cfg, args)
     except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        from pipeline.report import ReportError  # imported here: it pulls in torch
+
+        if not isinstance(exc, ReportError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = write_stage_result(cfg, args.stage, result)

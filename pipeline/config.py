@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -27,6 +27,14 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # strict: "5" is not an int and true is not a number; extra=forbid: typos are errors.
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # os.path.expanduser("~\0") raises ValueError in absolute_paths(); no key may hold a NUL anyway
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError("a NUL character is not allowed")
+        return value
 
 
 class SyntheticConfig(_Section):
@@ -72,6 +80,8 @@ class RayConfig(_Section):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    shared_storage: bool | None = Field(None, description="is output_dir visible from every node? None: detect "
+                                        "(object-store URIs and network filesystems are shared, local disks are not)")
 
 
 class TrackingConfig(_Section):
@@ -177,6 +187,7 @@ def _default_space() -> dict[str, SearchDim]:
 class SweepConfig(_Section):
     """Ray Tune around one training stage."""
 
+    in_run: bool = Field(False, description="also run this sweep as the last stage of `python -m pipeline run`")
     stage: Literal["distill", "teacher"] = "distill"
     space: dict[str, SearchDim] = Field(default_factory=_default_space, description="dotted config key -> search dimension")
     search: Literal["random", "grid"] = Field("random", description="grid: every combination of 'choice' values")
@@ -191,6 +202,7 @@ class SweepConfig(_Section):
 
 class PipelineConfig(_Section):
     output_dir: str = "outputs"
+    output_min_free_gb: float = Field(1.0, ge=0, description="refuse to start when output_dir has less free space (GiB)")
     data: DataConfig = DataConfig()
     ray: RayConfig = RayConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -233,7 +245,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' is not of the form dotted.key=value (e.g. data.image_size=64)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # PyYAML raises more than YAMLError: ValueError (2020-13-45), IndexError ("!!int "), RecursionError
         value = raw
     return key, value
 
@@ -279,9 +291,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path} (presets live in configs/)")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # YAMLError, and ValueError/IndexError/RecursionError from PyYAML, UnicodeDecodeError
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:  # an empty file: the defaults
+            loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
         tree = loaded
@@ -306,10 +320,43 @@ def validate_tree(tree: dict[str, Any], source: str) -> PipelineConfig:
         raise ConfigError(_format_errors(err, source)) from None
 
 
+BASE_DIR_ENV = "PIPELINE_BASE_DIR"
+JOB_FALLBACK_BASE = "~/flower-distill"
+
+
+def in_job_working_dir_copy(cwd: str | None = None) -> bool:
+    """Is this process running in the temporary copy of the working directory that `ray job submit
+    --working-dir` makes? (Ray unpacks it under ``.../runtime_resources/working_dir_files/``.)"""
+    return "/runtime_resources/working_dir_files/" in (cwd or os.getcwd()) + "/"
+
+
+def base_dir() -> str:
+    """What relative paths in a config are relative to.
+
+    ``$PIPELINE_BASE_DIR`` when set; else the current directory, except inside a Ray job's copy of
+    the working directory, which is deleted with the job: there ``~/flower-distill`` (on the node that
+    runs the driver) so that outputs and the MLflow store outlive the job.
+    """
+    if os.environ.get(BASE_DIR_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[BASE_DIR_ENV]))
+    if in_job_working_dir_copy():
+        return os.path.expanduser(JOB_FALLBACK_BASE)
+    return os.getcwd()
+
+
 def _absolute(path: str | None) -> str | None:
     if path is None or "://" in path:
         return path
-    return os.path.abspath(os.path.expanduser(path))
+    return os.path.normpath(os.path.join(base_dir(), os.path.expanduser(path)))
+
+
+def absolute_tracking_uri(uri: str | None) -> str | None:
+    """``sqlite:///relative.db`` made absolute like every other path (``sqlite:////abs.db`` is absolute)."""
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + _absolute(uri[len("sqlite:///"):])
+    if uri and "://" not in uri:  # a bare directory is MLflow's file store
+        return _absolute(uri)
+    return uri
 
 
 def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
@@ -323,7 +370,9 @@ def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     teacher = cfg.teacher
     if teacher.pretrained not in ("package", "hub", "none"):
         teacher = teacher.model_copy(update={"pretrained": _absolute(teacher.pretrained)})
-    return cfg.model_copy(update={"output_dir": _absolute(cfg.output_dir), "data": data, "distill": distill, "teacher": teacher})
+    tracking = cfg.tracking.model_copy(update={"uri": absolute_tracking_uri(cfg.tracking.uri)})
+    return cfg.model_copy(update={"output_dir": _absolute(cfg.output_dir), "data": data, "distill": distill, "teacher": teacher,
+                                  "tracking": tracking})
 
 
 def to_dict(cfg: BaseModel) -> dict[str, Any]:

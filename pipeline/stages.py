@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any
 
 from pipeline import checkpoints, plots, storage
@@ -22,6 +23,16 @@ def stage_output_dir(cfg: PipelineConfig, stage: str) -> str:
         return os.path.join(root, "teacher")
     d = cfg.distill
     return os.path.join(root, "distill", f"funmatch-{d.teaching}" if d.method == "funmatch" else f"deit-{d.type}")
+
+
+def stage_role(cfg: PipelineConfig, stage: str) -> str:
+    """What a stage's model is in a comparison: teacher, baseline (no teacher), deit-soft, funmatch-fixed_teacher, ..."""
+    if stage == "teacher":
+        return "teacher"
+    d = cfg.distill
+    if d.method == "funmatch":
+        return f"funmatch-{d.teaching}"
+    return "baseline" if d.type == "none" else f"deit-{d.type}"
 
 
 def shard_dir_of(cfg: PipelineConfig) -> str:
@@ -102,18 +113,39 @@ def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) 
 def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher: str | None) -> str:
     """Names the Ray run: same data, config and teacher checkpoint -> same run (resume); a retrained teacher -> a new run."""
     section = to_dict(cfg.teacher if stage == "teacher" else cfg.distill)
-    teacher_id = None
-    if teacher and os.path.isdir(teacher):
-        teacher_id = checkpoints.read_meta(teacher).get("checkpoint_id", teacher)
-    elif teacher:
-        teacher_id = teacher
-    return fingerprint(stage, section, to_dict(cfg.train), shard_dir, to_dict(cfg.ray), teacher_id)
+    return fingerprint(stage, section, to_dict(cfg.train), shard_dir, to_dict(cfg.ray), model_id(teacher))
+
+
+def model_id(source: str | None) -> str | None:
+    """Identifies a published model: its checkpoint id (new on every retrain), or the URI itself."""
+    if source and os.path.isdir(source):
+        return checkpoints.read_meta(source).get("checkpoint_id", source)
+    return source
+
+
+def finished_stage(cfg: PipelineConfig, stage: str, ray_run: str) -> dict[str, Any] | None:
+    """The saved result of ``stage`` if it was produced by the Ray run ``ray_run`` (same fingerprint)
+    and its published model is still there; else None."""
+    path = os.path.join(stage_output_dir(cfg, stage), "result.json")
+    try:
+        with open(path) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if done.get("ray_run_name") != ray_run or not os.path.isfile(os.path.join(done.get("best_checkpoint", ""), checkpoints.META_FILE)):
+        return None
+    return done
 
 
 def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force: bool = False, log=print,
-                       shard_dir: str | None = None, extra_tags: dict[str, str] | None = None, callbacks=None) -> dict[str, Any]:
+                       shard_dir: str | None = None, extra_tags: dict[str, str] | None = None, callbacks=None,
+                       reuse: bool = True) -> dict[str, Any]:
     """Fit ``stage`` with a TorchTrainer (resuming a run of the same config), publish its best
-    checkpoint under ``<output_dir>/<stage>/best`` and log it to MLflow."""
+    checkpoint under ``<output_dir>/<stage>/best`` and log it to MLflow.
+
+    With ``reuse``, a stage whose output already comes from a finished run of the same fingerprint
+    (data, config, teacher checkpoint) is skipped and its saved result returned; ``force`` redoes it.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -127,6 +159,11 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         raise ConfigError("the validation split is empty: set data.val_fraction > 0 (model selection needs it)")
     fp = _stage_fingerprint(cfg, stage, shard_dir, teacher)
     name = f"{stage}-{fp[:12]}"
+    done = finished_stage(cfg, stage, name) if reuse and not force else None
+    if done:
+        log(f"{stage}: up to date (same fingerprint as Ray run {name}), skipped; model in {done['best_checkpoint']}. "
+            f"To redo it: `python -m pipeline {stage} --force` or `run --force {stage}`.")
+        return {**done, "skipped": True}
     storage_path = os.path.abspath(os.path.join(cfg.output_dir, "ray_results"))
     run_dir = os.path.join(storage_path, name)
     if force and os.path.isdir(run_dir):
@@ -150,7 +187,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         with open(id_file, "w") as f:
             f.write(run_id)
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.output_dir)
     opt = cfg.teacher if stage == "teacher" else cfg.distill
     trainer = TorchTrainer(
         train_worker,
@@ -185,7 +222,9 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     with best_ckpt.as_directory() as d:
         shutil.copytree(d, tmp)
     meta = checkpoints.read_meta(tmp)
-    meta["checkpoint_id"] = f"{name}/{os.path.basename(best_ckpt.path)}"
+    # Unique per publication: a forced retrain of the same config must still change the fingerprint
+    # of every stage downstream of this model.
+    meta["checkpoint_id"] = f"{name}/{os.path.basename(best_ckpt.path)}@{time.time_ns()}"
     with open(os.path.join(tmp, checkpoints.META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     os.remove(os.path.join(tmp, checkpoints.STATE_FILE))  # the published model needs no optimizer state
@@ -219,13 +258,15 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     from pipeline.tracking import EpochLogger
 
     EpochLogger(tracker.uri, run_id, cfg.tracking.fail_fast, once_per_step=False).log(summary, step=int(best_metrics.get("epoch", 0)))
+    # Where the published model and its data live, so `pipeline report` can find them from the run alone.
+    tracker.set_tags(run_id, {"best_checkpoint": best_dir, "shard_dir": shard_dir, "role": stage_role(cfg, stage)})
     tracker.end(run_id)
-    with open(os.path.join(stage_dir, "result.json"), "w") as f:
-        json.dump({"stage": stage, "best_checkpoint": best_dir, "val_acc": best_metrics.get("val_acc"), "mlflow_run_id": run_id}, f, indent=2)
-    return {
+    result = {
         "stage": stage,
+        "role": stage_role(cfg, stage),
         "output": stage_dir,
         "ray_run": run_dir,
+        "ray_run_name": name,
         "best_checkpoint": best_dir,
         "best_epoch": best_metrics.get("epoch"),
         "val_acc": best_metrics.get("val_acc"),
@@ -234,6 +275,12 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         "mlflow": {"tracking_uri": tracker.uri, "run_id": run_id, "model_uri": model_uri},
         "artifacts": {"learning_curves": curves, "confusion": conf},
     }
+    # Written last: its presence (with this run's name) is what lets a later invocation skip the stage.
+    tmp = os.path.join(stage_dir, "result.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(stage_dir, "result.json"))
+    return result
 
 
 def _history(result) -> list[dict[str, float]]:

@@ -86,11 +86,34 @@ def _trial(config: dict[str, Any]) -> None:
     tags = {"sweep": config["sweep_name"], "trial_id": ctx.get_trial_id(),
             **{f"swept.{k.replace(FLAT_SEP, '.')}": str(v) for k, v in config["params"].items()}}
     run_training_stage(cfg, config["stage"], tracker, shard_dir=config["shard_dir"], extra_tags=tags,
-                       callbacks=[TuneReportCallback()], log=lambda *_: None)
+                       callbacks=[TuneReportCallback()], log=lambda *_: None, reuse=False)
 
 
-def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=print) -> dict[str, Any]:
-    """Run (or ``resume``) the sweep; return the best trial and a summary of all."""
+def sweep_name(cfg: PipelineConfig, shard_dir: str, teacher: str | None) -> str:
+    """``sweep-<stage>-<fingerprint>``: the same space, stage config, data and teacher give the same sweep."""
+    from pipeline.stages import model_id
+
+    section = cfg.distill if cfg.tune.stage == "distill" else cfg.teacher
+    space = {k: v for k, v in to_dict(cfg.tune).items() if k != "in_run"}
+    fp = fingerprint(space, to_dict(section), to_dict(cfg.train), shard_dir, model_id(teacher))
+    return f"sweep-{cfg.tune.stage}-{fp[:12]}"
+
+
+def finished_sweep(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """The saved result of a finished sweep with this config's fingerprint, or None."""
+    from pipeline.stages import shard_dir_of, validate_stage
+
+    shard_dir = shard_dir_of(cfg)
+    path = os.path.join(os.path.abspath(cfg.output_dir), "sweeps", sweep_name(cfg, shard_dir, validate_stage(cfg, cfg.tune.stage)),
+                        "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=print, force: bool = False) -> dict[str, Any]:
+    """Run (or ``resume``) the sweep; return the best trial and a summary of all. ``force`` starts it afresh."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -101,11 +124,15 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
     sweep = cfg.tune
     shard_dir = shard_dir_of(cfg)
     teacher = validate_stage(cfg, sweep.stage)
-    name = f"sweep-{sweep.stage}-{fingerprint(to_dict(cfg.tune), to_dict(cfg.distill if sweep.stage == 'distill' else cfg.teacher), to_dict(cfg.train), shard_dir)[:12]}"
     storage_path = os.path.abspath(os.path.join(cfg.output_dir, "sweeps"))
+    name = sweep_name(cfg, shard_dir, teacher)
     sweep_dir = os.path.join(storage_path, name)
+    if force and os.path.isdir(sweep_dir):
+        import shutil
+
+        shutil.rmtree(sweep_dir)
     os.makedirs(sweep_dir, exist_ok=True)
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.output_dir)
     import ray
 
     epochs = (cfg.distill if sweep.stage == "distill" else cfg.teacher).epochs
@@ -226,5 +253,9 @@ def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: s
     tracker.end(parent_id)
     log(f"sweep: best trial {best['trial_id']} {sweep.metric}={best[sweep.metric]:.4f} "
         + " ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.tune.space))
-    return {"stage": "sweep", "sweep_dir": sweep_dir, "best": best, "trials": rows, "table": table_md,
-            "plot": plot, "mlflow": {"tracking_uri": tracker.uri, "parent_run_id": parent_id, "registered_model": model_uri}}
+    result = {"stage": "sweep", "sweep_dir": sweep_dir, "best": best, "trials": rows, "table": table_md,
+              "plot": plot, "mlflow": {"tracking_uri": tracker.uri, "parent_run_id": parent_id, "registered_model": model_uri}}
+    # Marks the sweep finished: `run` skips a sweep whose result.json exists (unless forced).
+    with open(os.path.join(sweep_dir, "result.json"), "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    return result

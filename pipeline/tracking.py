@@ -28,9 +28,12 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the current directory
-    (where ``mlflow ui`` looks by default)."""
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the base directory (the
+    current one, where ``mlflow ui`` looks by default; see ``config.base_dir`` for Ray jobs)."""
+    from pipeline.config import absolute_tracking_uri, base_dir
+
+    env = absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    return cfg.tracking.uri or env or f"sqlite:///{os.path.join(base_dir(), 'mlflow.db')}"
 
 
 def _attempt(fn: Callable[[], Any], what: str, fail_fast: bool, tries: int = 3, wait: float = 1.0) -> tuple[bool, Any]:

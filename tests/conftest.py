@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +14,58 @@ from PIL import Image
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# `ray start` turns Ray's token authentication on; clients (this process as a driver, `ray job`)
+# must say so to send the token from ~/.ray/auth_token.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# As an activated virtualenv would: `ray start` and the jobs it runs find this environment's python.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A 2-CPU local Ray shared by every test that needs one (ray.init costs ~6 s)."""
+def ray_cluster():
+    """A 2-CPU Ray head started with `ray start --head` on free loopback ports, shared by the whole session.
+
+    One cluster for everything: tests connect to it with ``ray.init(address=...)`` and submit jobs to
+    its dashboard. (Two Ray instances on one machine break Ray Train V2's placement-group cleanup,
+    which looks the cluster up by address.) `ray stop` runs at the end, also after failures; it stops
+    every Ray process of this user on this machine, so do not run the tests beside your own cluster.
+    """
+    gcs, dashboard = free_port(), free_port()
+    cmd = [RAY, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+           f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--metrics-export-port={free_port()}", "--disable-usage-stats"]
+    try:
+        started = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        if started.returncode != 0:
+            pytest.fail(f"ray start failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_cluster):
+    """This test process connected to the session's cluster as a driver."""
     import ray
 
     if not ray.is_initialized():
-        # The dashboard serves the state API that Ray Train V2 uses to clean up after stopped runs
-        # (without it a trial stopped by ASHA keeps its placement group and later trials starve).
-        ray.init(num_cpus=2, include_dashboard=True, logging_level="WARNING")
+        ray.init(address=ray_cluster["address"], logging_level="WARNING")
     yield ray
-    ray.shutdown()
 
 
 def write_image(path: Path, seed: int, size=(40, 30), mode: str = "RGB", fmt: str | None = None) -> Path:

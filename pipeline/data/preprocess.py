@@ -145,7 +145,7 @@ def preprocess(cfg: PipelineConfig, force: bool = False, log=print) -> dict[str,
         log(f"preprocess: reusing {dest} (same source files and data config; --force rebuilds)")
         return _result(cfg, dest, manifest, reused=True, seconds=time.time() - started)
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.output_dir)
     local = not storage.is_uri(dest)
     # Write aside and rename into place locally; object stores have no atomic rename, so there the
     # manifest, written last, is the completion marker.

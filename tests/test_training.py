@@ -124,32 +124,6 @@ def test_evaluate_and_predict_commands(trained, capsys):
     assert cli_main(["evaluate", "--model", str(trained["out"] / "missing"), "--data", str(folder)]) == 2
 
 
-def test_unreachable_tracking_server_does_not_stop_training(ray_local, tmp_path):
-    import socket
-    import warnings
-
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.cli import write_stage_result
-
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = small_config(tmp_path, f"tracking.uri=http://127.0.0.1:{port}", "ray.num_workers=1", "teacher.epochs=2",
-                       "teacher.pretrained=none", "teacher.model=resnet10t", "teacher.mode=full", "data.synthetic.images_per_class=16")
-    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with tracked(cfg, "teacher") as tracker:
-            result = run_training_stage(cfg, "teacher", tracker, log=lambda *_: None)
-    assert [h["epoch"] for h in result["history"]] == [1, 2]
-    assert any("unreachable" in str(w.message) for w in caught)
-    fallback = tmp_path / "mlflow_fallback.db"
-    assert fallback.is_file() and result["mlflow"]["run_id"]
-    client = MlflowClient(f"sqlite:///{fallback}")
-    assert [m.step for m in client.get_metric_history(result["mlflow"]["run_id"], "train_loss")] == [1, 2]
-
-
 def test_function_matching_student_agrees_with_the_teacher_without_labels(trained):
     cfg = trained["cfg"]
     cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={

@@ -12,6 +12,6 @@ from pipeline.cli import STAGES, main  # noqa: E402
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if not args or args[0] not in (*STAGES, "evaluate", "predict", "-h", "--help"):
+    if not args or args[0] not in (*STAGES, "evaluate", "predict", "mlflow-server", "-h", "--help"):
         args = ["run", *args]
     sys.exit(main(args))

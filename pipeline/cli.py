@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, load_config, to_yaml
@@ -62,12 +63,16 @@ RUN_STAGES = ("preprocess", "teacher", "distill", "sweep")
 def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Every stage in order; each one is skipped when its output for the same fingerprint exists.
 
-    A forced (or changed) stage changes the fingerprint of the stages after it, so they follow.
+    A retrained teacher gets a new checkpoint id, which changes the students' fingerprints, so they
+    follow. (Forced preprocessing rebuilds identical shards at the same path: nothing after it reruns.)
     """
     from pipeline.stages import run_training_stage
     from pipeline.tracking import tracked
 
-    forced = set(RUN_STAGES) if "all" in args.force else set(args.force)
+    if "all" in args.force:
+        forced = set(RUN_STAGES) if cfg.tune.in_run else set(RUN_STAGES) - {"sweep"}
+    else:
+        forced = set(args.force)
     if "sweep" in forced and not cfg.tune.in_run:
         raise ConfigError("--force sweep: this config runs no sweep in `run`; set tune.in_run=true (and tune.space) to add one")
     if cfg.tune.in_run:
@@ -121,7 +126,7 @@ def _run_sweep(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
 
     validate_space(cfg)  # before anything starts
     with tracked(cfg, "sweep") as tracker:
-        result = run_sweep(cfg, tracker, resume=args.resume)
+        result = run_sweep(cfg, tracker, resume=args.resume and not args.force, force=args.force)
     print(f"sweep: {len(result['trials'])} trials; table {result['table']}; plots {result['plot']}; "
           f"MLflow parent run {result['mlflow']['parent_run_id']} ({result['mlflow']['tracking_uri']})")
     return result
@@ -191,6 +196,23 @@ def _model_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """`ray job stop` sends SIGTERM, then SIGKILL a few seconds later: turn the first into SystemExit
+    so that MLflow runs are closed as KILLED and Ray tears the trainer down, instead of dying mid-call."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage in ("evaluate", "predict"):
@@ -201,10 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: MLflow listens on {args.host} without authentication; anyone who reaches it can read and delete runs",
                   file=sys.stderr)
-        cmd = mlflow_server_command(args.store, args.host, args.port)
-        os.makedirs(os.path.abspath(args.store), exist_ok=True)
-        print(f"MLflow server: http://{args.host}:{args.port} (store {os.path.abspath(args.store)}); "
-              f"runs log to it with tracking.uri=http://{args.host}:{args.port}", file=sys.stderr)
+        from pipeline.servers import server_url
+
+        store = os.path.abspath(os.path.expanduser(args.store))
+        os.makedirs(store, exist_ok=True)
+        cmd = mlflow_server_command(store, args.host, args.port)
+        url = server_url(args.host, args.port)
+        print(f"MLflow server: {url} (store {store}); runs log to it with tracking.uri={url}", file=sys.stderr)
         os.execv(cmd[0], cmd)
     from pipeline.checkpoints import CheckpointError
     from pipeline.data.sources import DataError
@@ -218,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from pipeline.preflight import check_output_location
 
-        check_output_location(cfg, training=args.stage not in ("preprocess", "report"))  # an unwritable or full output location fails now, not at the first checkpoint
-        result = STAGES[args.stage][1](cfg, args)
+        check_output_location(cfg, training=args.stage != "preprocess")  # fails now, not at a checkpoint
+        with _exit_on_sigterm():
+            result = STAGES[args.stage][1](cfg, args)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -352,9 +352,11 @@ def _absolute(path: str | None) -> str | None:
 
 def absolute_tracking_uri(uri: str | None) -> str | None:
     """``sqlite:///relative.db`` made absolute like every other path (``sqlite:////abs.db`` is absolute)."""
-    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if not uri or uri == "sqlite:///:memory:":
+        return uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + _absolute(uri[len("sqlite:///"):])
-    if uri and "://" not in uri:  # a bare directory is MLflow's file store
+    if ":" not in uri and not uri.startswith("databricks"):  # a bare directory is MLflow's file store
         return _absolute(uri)
     return uri
 
@@ -371,7 +373,9 @@ def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     if teacher.pretrained not in ("package", "hub", "none"):
         teacher = teacher.model_copy(update={"pretrained": _absolute(teacher.pretrained)})
     tracking = cfg.tracking.model_copy(update={"uri": absolute_tracking_uri(cfg.tracking.uri)})
-    return cfg.model_copy(update={"output_dir": _absolute(cfg.output_dir), "data": data, "distill": distill, "teacher": teacher,
+    # file:///x is a local output directory (for data.path it stays a URL: the download path).
+    output_dir = cfg.output_dir[len("file://"):] if cfg.output_dir.startswith("file://") else cfg.output_dir
+    return cfg.model_copy(update={"output_dir": _absolute(output_dir), "data": data, "distill": distill, "teacher": teacher,
                                   "tracking": tracking})
 
 

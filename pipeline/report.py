@@ -561,12 +561,14 @@ def add_arguments(parser: argparse.ArgumentParser, with_config: bool = True) -> 
 
 def run_with_config(cfg, args: argparse.Namespace) -> dict[str, Any]:
     """The report for a loaded config, command-line values winning; prints the table and the paths."""
+    from pipeline.config import _absolute, absolute_tracking_uri
     from pipeline.tracking import tracking_uri
 
+    # Command-line paths resolve like config paths (against PIPELINE_BASE_DIR inside a Ray job).
     result = build_report(
-        tracking_uri=getattr(args, "tracking_uri", None) or tracking_uri(cfg),
+        tracking_uri=absolute_tracking_uri(getattr(args, "tracking_uri", None)) or tracking_uri(cfg),
         experiment=getattr(args, "experiment", None) or cfg.tracking.experiment,
-        output_dir=getattr(args, "output_dir", None) or cfg.output_dir,
+        output_dir=_absolute(getattr(args, "output_dir", None)) or cfg.output_dir,
         log_to_mlflow=not getattr(args, "no_mlflow", False),
         latency_runs=getattr(args, "latency_runs", DEFAULT_LATENCY_RUNS),
         throughput_runs=getattr(args, "throughput_runs", DEFAULT_THROUGHPUT_RUNS),

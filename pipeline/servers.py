@@ -16,6 +16,13 @@ import urllib.request
 LOOPBACK = "127.0.0.1"
 
 
+def server_url(host: str, port: int) -> str:
+    """The URL clients use for a server bound to ``host`` (loopback for a wildcard bind; IPv6 bracketed)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = LOOPBACK
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def mlflow_server_command(store_dir: str, host: str = LOOPBACK, port: int = 5000, workers: int = 1) -> list[str]:
     """``mlflow server`` with a SQLite store and served artifacts under ``store_dir``."""
     store = os.path.abspath(os.path.expanduser(store_dir))
@@ -45,10 +52,14 @@ def start_mlflow_server(store_dir: str, host: str = LOOPBACK, port: int = 5000, 
     """Start the server in the background (its own process group) and wait until it answers."""
     os.makedirs(os.path.abspath(os.path.expanduser(store_dir)), exist_ok=True)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(mlflow_server_command(store_dir, host, port), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_until_healthy(f"http://{LOOPBACK if host in ('0.0.0.0', '::') else host}:{port}", timeout, proc)
+        proc = subprocess.Popen(mlflow_server_command(store_dir, host, port), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        if log is not subprocess.DEVNULL:
+            log.close()  # the server holds its own descriptor
+    try:
+        wait_until_healthy(server_url(host, port), timeout, proc)
     except BaseException:
         stop_server(proc)
         raise

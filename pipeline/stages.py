@@ -113,7 +113,9 @@ def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) 
 def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher: str | None) -> str:
     """Names the Ray run: same data, config and teacher checkpoint -> same run (resume); a retrained teacher -> a new run."""
     section = to_dict(cfg.teacher if stage == "teacher" else cfg.distill)
-    return fingerprint(stage, section, to_dict(cfg.train), shard_dir, to_dict(cfg.ray), model_id(teacher))
+    # Where the cluster is and whether its storage is shared do not change what is trained.
+    scaling = {k: v for k, v in to_dict(cfg.ray).items() if k not in ("address", "shared_storage")}
+    return fingerprint(stage, section, to_dict(cfg.train), shard_dir, scaling, model_id(teacher))
 
 
 def model_id(source: str | None) -> str | None:
@@ -123,9 +125,9 @@ def model_id(source: str | None) -> str | None:
     return source
 
 
-def finished_stage(cfg: PipelineConfig, stage: str, ray_run: str) -> dict[str, Any] | None:
-    """The saved result of ``stage`` if it was produced by the Ray run ``ray_run`` (same fingerprint)
-    and its published model is still there; else None."""
+def finished_stage(cfg: PipelineConfig, stage: str, ray_run: str, tracking_uri: str | None = None) -> dict[str, Any] | None:
+    """The saved result of ``stage`` if it was produced by the Ray run ``ray_run`` (same fingerprint),
+    its published model is still there and it was tracked where this invocation tracks; else None."""
     path = os.path.join(stage_output_dir(cfg, stage), "result.json")
     try:
         with open(path) as f:
@@ -134,6 +136,9 @@ def finished_stage(cfg: PipelineConfig, stage: str, ray_run: str) -> dict[str, A
         return None
     if done.get("ray_run_name") != ray_run or not os.path.isfile(os.path.join(done.get("best_checkpoint", ""), checkpoints.META_FILE)):
         return None
+    tracked_at = done.get("mlflow", {})
+    if tracking_uri and (tracked_at.get("tracking_uri"), tracked_at.get("experiment")) != (tracking_uri, cfg.tracking.experiment):
+        return None  # the stage must appear in this store/experiment too: republished (not retrained) below
     return done
 
 
@@ -159,7 +164,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         raise ConfigError("the validation split is empty: set data.val_fraction > 0 (model selection needs it)")
     fp = _stage_fingerprint(cfg, stage, shard_dir, teacher)
     name = f"{stage}-{fp[:12]}"
-    done = finished_stage(cfg, stage, name) if reuse and not force else None
+    done = finished_stage(cfg, stage, name, tracker.uri) if reuse and not force else None
     if done:
         log(f"{stage}: up to date (same fingerprint as Ray run {name}), skipped; model in {done['best_checkpoint']}. "
             f"To redo it: `python -m pipeline {stage} --force` or `run --force {stage}`.")
@@ -212,8 +217,10 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         f"Ray run {run_dir}")
     try:
         result = trainer.fit()
-    except BaseException:
-        tracker.end(run_id, "FAILED")
+    except BaseException as exc:
+        from pipeline.tracking import end_status
+
+        tracker.end(run_id, end_status(exc))
         raise
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
     best_dir = os.path.join(stage_dir, "best")
@@ -272,7 +279,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         "val_acc": best_metrics.get("val_acc"),
         "evaluation": {s: {k: v for k, v in e.items() if k != "confusion"} for s, e in evaluation.items()},
         "history": history,
-        "mlflow": {"tracking_uri": tracker.uri, "run_id": run_id, "model_uri": model_uri},
+        "mlflow": {"tracking_uri": tracker.uri, "experiment": cfg.tracking.experiment, "run_id": run_id, "model_uri": model_uri},
         "artifacts": {"learning_curves": curves, "confusion": conf},
     }
     # Written last: its presence (with this run's name) is what lets a later invocation skip the stage.

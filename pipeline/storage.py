@@ -33,10 +33,14 @@ def exists(path: str) -> bool:
 
 
 def write_text(path: str, text: str) -> None:
+    """Write a whole file; locally through a temporary file and a rename, so readers never see half of it."""
     fs, p = resolve(path)
     fs.create_dir(posixpath.dirname(p), recursive=True)
-    with fs.open_output_stream(p) as f:
+    target = p if is_uri(path) else p + ".tmp"
+    with fs.open_output_stream(target) as f:
         f.write(text.encode())
+    if target != p:
+        os.replace(target, p)
 
 
 def read_text(path: str) -> str:

@@ -94,8 +94,8 @@ def sweep_name(cfg: PipelineConfig, shard_dir: str, teacher: str | None) -> str:
     from pipeline.stages import model_id
 
     section = cfg.distill if cfg.tune.stage == "distill" else cfg.teacher
-    space = {k: v for k, v in to_dict(cfg.tune).items() if k != "in_run"}
-    fp = fingerprint(space, to_dict(section), to_dict(cfg.train), shard_dir, model_id(teacher))
+    tune_section = {k: v for k, v in to_dict(cfg.tune).items() if k != "in_run"}
+    fp = fingerprint(tune_section, to_dict(section), to_dict(cfg.train), shard_dir, model_id(teacher))
     return f"sweep-{cfg.tune.stage}-{fp[:12]}"
 
 
@@ -106,10 +106,11 @@ def finished_sweep(cfg: PipelineConfig) -> dict[str, Any] | None:
     shard_dir = shard_dir_of(cfg)
     path = os.path.join(os.path.abspath(cfg.output_dir), "sweeps", sweep_name(cfg, shard_dir, validate_stage(cfg, cfg.tune.stage)),
                         "result.json")
-    if not os.path.isfile(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
         return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=print, force: bool = False) -> dict[str, Any]:
@@ -255,7 +256,11 @@ def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: s
         + " ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.tune.space))
     result = {"stage": "sweep", "sweep_dir": sweep_dir, "best": best, "trials": rows, "table": table_md,
               "plot": plot, "mlflow": {"tracking_uri": tracker.uri, "parent_run_id": parent_id, "registered_model": model_uri}}
-    # Marks the sweep finished: `run` skips a sweep whose result.json exists (unless forced).
-    with open(os.path.join(sweep_dir, "result.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
+    # Marks the sweep finished: `run` skips a sweep whose result.json exists (unless forced). Not
+    # written when a trial errored, so that the next `run` resumes (and retries) it.
+    if not any(r["error"] for r in rows):
+        tmp = os.path.join(sweep_dir, "result.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        os.replace(tmp, os.path.join(sweep_dir, "result.json"))
     return result

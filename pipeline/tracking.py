@@ -36,6 +36,19 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return cfg.tracking.uri or env or f"sqlite:///{os.path.join(base_dir(), 'mlflow.db')}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store (``<db dir>/mlruns``).
+
+    MLflow's default for database stores is ``./mlruns`` in the *current* directory, which inside a
+    Ray job is the temporary copy of the working directory: models and plots would vanish with it.
+    Servers choose their own artifact root (None).
+    """
+    if uri.startswith("sqlite:///"):
+        db_path = uri[len("sqlite:///"):]
+        return os.path.join(os.path.dirname(os.path.abspath(db_path)), "mlruns")
+    return None
+
+
 def _attempt(fn: Callable[[], Any], what: str, fail_fast: bool, tries: int = 3, wait: float = 1.0) -> tuple[bool, Any]:
     for i in range(tries):
         try:
@@ -153,7 +166,8 @@ class Tracker:
         def create():
             client = self._client()
             exp = client.get_experiment_by_name(self.cfg.tracking.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.tracking.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.tracking.experiment,
+                                                                            artifact_location=artifact_location(self.uri))
             run = client.create_run(exp_id, run_name=f"{self.invocation}", tags={"pipeline.invocation": self.invocation, "git_commit": git_commit()})
             return exp_id, run.info.run_id
 
@@ -263,7 +277,12 @@ def tracked(cfg: PipelineConfig, invocation: str) -> Iterator[Tracker]:
     tracker = Tracker(cfg, invocation).start()
     try:
         yield tracker
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as exc:
+        tracker.finish(end_status(exc))
         raise
     tracker.finish()
+
+
+def end_status(exc: BaseException) -> str:
+    """MLflow's status for a run that ended with ``exc``: KILLED when stopped (Ctrl-C, `ray job stop`), else FAILED."""
+    return "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main as cli_main
 
-from tests.jobs import SMALL_DEMO, submit
+from tests.jobs import SMALL_DEMO, job_logs, submit
 
 
 def _runs(uri, experiment, stage=None):
@@ -22,15 +22,18 @@ def test_pipeline_job_lands_outputs_at_configured_paths_and_skips_finished_stage
     # Relative paths, resolved against PIPELINE_BASE_DIR: never inside the job's copy of the working directory.
     args = [*SMALL_DEMO, "output_dir=out", "tracking.uri=sqlite:///mlflow.db"]
     env = {"PIPELINE_BASE_DIR": str(tmp_path)}
-    first = submit(dashboard, args, submission_id=f"e2e-{uuid.uuid4().hex[:8]}", env=env,
-                   entrypoint_prefix="echo CWD=$PWD; ls -a; ")
+    first_id = f"e2e-{uuid.uuid4().hex[:8]}"
+    first = submit(dashboard, args, submission_id=first_id, env=env,
+                   entrypoint_prefix="echo CWD=$PWD; echo LISTING: $(ls -A); ")
     text = first.stdout + first.stderr
     assert first.returncode == 0 and "succeeded" in text, text[-5000:]
 
     # The upload left out the virtualenv and outputs; the job ran in Ray's temporary copy.
-    listing = set(text.split("\n"))
-    assert {"pipeline", "jobs", "configs"} <= listing and not {".venv", "outputs"} & listing
-    cwd = next(line for line in text.split("\n") if line.startswith("CWD="))
+    logs = job_logs(dashboard, first_id).splitlines()
+    listing_line = next(line for line in logs if line.startswith("LISTING: "))
+    listing = set(listing_line.split()[1:])
+    assert {"pipeline", "jobs", "configs"} <= listing and not {".venv", "outputs", ".git"} & listing, listing_line
+    cwd = next(line for line in logs if line.startswith("CWD="))
     assert "working_dir_files" in cwd
 
     out = tmp_path / "out"
@@ -50,6 +53,8 @@ def test_pipeline_job_lands_outputs_at_configured_paths_and_skips_finished_stage
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
         assert run.data.tags["best_checkpoint"] == str(out / ("teacher" if stage == "teacher" else "distill/deit-soft") / "best")
     assert {m.name for m in client.search_registered_models()} >= {"job-teacher", "job-student"}
+    # Artifacts (models, plots) sit beside the store, not in MLflow's default ./mlruns of the job's copy.
+    assert list((tmp_path / "mlruns").glob("models/*/artifacts/MLmodel"))
     # The job's last lines say where everything is.
     assert str(out / "teacher" / "best") in text and parent.info.run_id in text
 
@@ -60,12 +65,12 @@ def test_pipeline_job_lands_outputs_at_configured_paths_and_skips_finished_stage
     assert "teacher: up to date" in text and "distill: up to date" in text and "preprocess: reusing" in text
     assert len(_runs(uri, "job", "teacher")) == 1 and len(_runs(uri, "job", "distill")) == 1
 
-    # --force distill redoes the student only.
-    forced = submit(dashboard, [*args, "--force", "distill"], submission_id=f"e2e-{uuid.uuid4().hex[:8]}", env=env)
+    # --force teacher retrains the teacher; the student, whose teacher changed, follows; the shards stay.
+    forced = submit(dashboard, [*args, "--force", "teacher"], submission_id=f"e2e-{uuid.uuid4().hex[:8]}", env=env)
     text = forced.stdout + forced.stderr
     assert forced.returncode == 0, text[-5000:]
-    assert "teacher: up to date" in text and "distill: up to date" not in text
-    assert len(_runs(uri, "job", "teacher")) == 1 and len(_runs(uri, "job", "distill")) == 2
+    assert "preprocess: reusing" in text and "teacher: up to date" not in text and "distill: up to date" not in text
+    assert len(_runs(uri, "job", "teacher")) == 2 and len(_runs(uri, "job", "distill")) == 2
 
     # The comparison report reads the same store: teacher and student, measured side by side.
     assert cli_main(["report", "--config", "configs/demo.yaml", f"output_dir={out}", f"tracking.uri={uri}",

@@ -35,9 +35,12 @@ def test_full_output_location_is_reported_before_any_work(tmp_path, capsys, monk
     preflight.check_output_location(load_config(None, [f"output_dir={tmp_path}/out", "output_min_free_gb=0"]))
 
 
-def test_writable_output_dir_passes_and_leaves_no_probe_behind(tmp_path):
-    preflight.check_output_location(load_config(None, [f"output_dir={tmp_path}/out"]))
-    assert list((tmp_path / "out").iterdir()) == []
+def test_writable_output_dir_passes_and_leaves_no_trace(tmp_path):
+    preflight.check_output_location(load_config(None, [f"output_dir={tmp_path}/out/deeper"]))
+    assert not (tmp_path / "out").exists()  # it created out/deeper for the probe, and removed both
+    (tmp_path / "kept").mkdir()
+    preflight.check_output_location(load_config(None, [f"output_dir={tmp_path}/kept"]))
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 MOUNTS = """/dev/vda / ext4 rw 0 0
@@ -58,14 +61,22 @@ def test_filesystem_type_uses_the_longest_matching_mount_point(tmp_path):
 
 def test_multi_node_run_on_a_local_disk_is_refused_with_the_way_out(tmp_path):
     with pytest.raises(ConfigError) as err:
-        preflight.check_shared_storage(str(tmp_path), RayConfig(), nodes=3)
+        preflight.check_shared_storage(str(tmp_path), RayConfig(), nodes=3, local_gpus=0)
     msg = str(err.value)
-    assert "3 nodes" in msg and "s3://" in msg and "ray.shared_storage=true" in msg
-    preflight.check_shared_storage(str(tmp_path), RayConfig(), nodes=1)  # one node: local is fine
-    preflight.check_shared_storage("s3://bucket/prefix", RayConfig(), nodes=3)  # object store: shared
-    preflight.check_shared_storage(str(tmp_path), RayConfig(shared_storage=True), nodes=3)  # the user vouches
+    assert "3 nodes" in msg and "NFS" in msg and "ray.shared_storage=true" in msg
+    preflight.check_shared_storage(str(tmp_path), RayConfig(), nodes=1, local_gpus=0)  # one node: local is fine
+    preflight.check_shared_storage("s3://bucket/prefix", RayConfig(), nodes=3, local_gpus=0)  # object store: shared
+    preflight.check_shared_storage(str(tmp_path), RayConfig(shared_storage=True), nodes=3, local_gpus=0)  # the user vouches
     with pytest.raises(ConfigError):
-        preflight.check_shared_storage("s3://bucket/prefix", RayConfig(shared_storage=False), nodes=2)
+        preflight.check_shared_storage("s3://bucket/prefix", RayConfig(shared_storage=False), nodes=2, local_gpus=0)
+    # An autoscaling cluster: the GPU-less head is alone now, GPU workers will join for this run.
+    with pytest.raises(ConfigError, match="GPU-less"):
+        preflight.check_shared_storage(str(tmp_path), RayConfig(use_gpu=True), nodes=1, local_gpus=0)
+    preflight.check_shared_storage(str(tmp_path), RayConfig(use_gpu=True), nodes=1, local_gpus=1)  # a GPU box alone
+
+
+def test_the_cluster_shape_probe_sees_this_single_node_cluster(ray_local):
+    assert preflight.cluster_shape() == (1, 0)
 
 
 def test_relative_paths_inside_a_ray_job_copy_never_land_in_the_copy(tmp_path, monkeypatch):

@@ -44,3 +44,7 @@ def test_resubmitted_job_resumes_the_stopped_stage_from_its_last_checkpoint(ray_
     steps = [m.step for m in client.get_metric_history(teacher.info.run_id, "train_loss")]
     assert sorted(steps) == list(range(1, TEACHER_EPOCHS + 1)), steps
     assert (out / "distill" / "deit-soft" / "best" / "model.pt").is_file()
+    # The stopped job closed its own parent run as KILLED (SIGTERM from `ray job stop` is handled).
+    parents = sorted(r.info.status for r in client.search_runs([exp.experiment_id])
+                     if r.data.tags.get("pipeline.invocation") == "run")
+    assert parents == ["FINISHED", "KILLED"], parents

@@ -2,6 +2,7 @@
 (``train.max_failures``), the run ends with every epoch, and MLflow holds each epoch exactly once."""
 
 import json
+import time
 
 from mlflow.tracking import MlflowClient
 
@@ -12,7 +13,7 @@ from pipeline.stages import run_training_stage
 from pipeline.tracking import tracked
 
 
-def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(ray_local, tmp_path, monkeypatch):
+def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(ray_local, tmp_path, monkeypatch, capfd):
     base = load_config(None, ["data.synthetic.images_per_class=24", "data.synthetic.image_size=40", "data.image_size=32",
                               "data.val_fraction=0.25"])
     cfg = base.model_copy(update={
@@ -32,3 +33,13 @@ def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(ra
     client = MlflowClient(cfg.tracking.uri)
     steps = sorted(m.step for m in client.get_metric_history(result["mlflow"]["run_id"], "train_loss"))
     assert steps == [1, 2, 3, 4]  # epoch 3 ran twice, but is logged once
+    # The restarted workers began from a checkpoint, not from scratch (their logs reach this driver).
+    seen = ""
+    for _ in range(30):
+        seen += "".join(capfd.readouterr())
+        if "[distill] resuming after epoch" in seen:
+            break
+        time.sleep(0.5)
+    assert "[distill] resuming after epoch" in seen, seen[-2000:]
+    resumed_after = int(seen.split("[distill] resuming after epoch ")[1].split()[0])
+    assert resumed_after in (2, 3), seen[-2000:]

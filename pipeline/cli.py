@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from pipeline.preflight import check_output_location
 
-        check_output_location(cfg, training=args.stage != "preprocess")  # fails now, not at a checkpoint
+        check_output_location(cfg)  # fails now, not at a checkpoint
         with _exit_on_sigterm():
             result = STAGES[args.stage][1](cfg, args)
     except (ConfigError, DataError, CheckpointError) as exc:

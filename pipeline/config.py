@@ -211,6 +211,14 @@ class PipelineConfig(_Section):
     distill: DistillConfig = DistillConfig()
     tune: SweepConfig = SweepConfig()
 
+    @field_validator("output_dir")
+    @classmethod
+    def _no_credentials(cls, value: str) -> str:
+        from pipeline.storage import check_uri
+
+        check_uri(value)
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
         crop = self.train.crop_size
@@ -274,7 +282,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg += f"; allowed keys here: {', '.join(allowed)}"
         else:
             text = e["msg"].removeprefix("Value error, ")
-            msg = f"  {key}: {text}" + (f"; got {e.get('input')!r}" if loc else "")
+            shown = "" if "credentials" in text else f"; got {e.get('input')!r}"  # never echo a secret
+            msg = f"  {key}: {text}" + (shown if loc else "")
             ctx = e.get("ctx") or {}
             if "expected" in ctx and str(ctx["expected"]) not in text:
                 msg += f" (allowed: {ctx['expected']})"

@@ -22,16 +22,13 @@ NETWORK_FILESYSTEMS = {
 }
 
 
-def check_output_location(cfg: PipelineConfig, training: bool = True) -> None:
+def check_output_location(cfg: PipelineConfig) -> None:
     """Refuse an output location that cannot be written or has less than ``output_min_free_gb`` free.
 
-    ``training``: the stage publishes checkpoints, which needs a filesystem path (local or NFS).
+    An object-store URI (``s3://``, ``gs://``) is probed by writing and deleting a small object, which
+    also catches missing credentials and a wrong endpoint before any work starts.
     """
     out = cfg.output_dir
-    if training and storage.is_uri(out):
-        raise ConfigError(f"output_dir {out!r}: training stages publish checkpoints, plots and caches with file operations, "
-                          "so they need a filesystem path (local, or NFS/EFS mounted on every node of a cluster); only "
-                          "`preprocess` writes to object-store URIs so far.")
     probe = storage.join(out, f".write-test-{uuid.uuid4().hex[:8]}")
     created = None if storage.is_uri(out) else _first_missing(os.path.abspath(out))
     try:

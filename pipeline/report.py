@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from pipeline import storage
+
 REPORT_SUBDIR = "report"
 STAGES = ("teacher", "distill")
 # Fixed roles first, in the order one reads a distillation comparison; funmatch-* and others after.
@@ -179,10 +181,10 @@ def load_run_model(run, uri: str) -> tuple[torch.nn.Module, dict[str, Any], dict
 
     def from_checkpoint():
         model, meta = load_model(ckpt)
-        return model, meta, {"source": ckpt, "size_bytes": os.path.getsize(os.path.join(ckpt, MODEL_FILE)),
+        return model, meta, {"source": ckpt, "size_bytes": storage.size(storage.join(ckpt, MODEL_FILE)),
                              "size_source": MODEL_FILE, "notes": notes}
 
-    complete = bool(ckpt) and os.path.isfile(os.path.join(ckpt, MODEL_FILE))
+    complete = bool(ckpt) and storage.is_file(storage.join(ckpt, MODEL_FILE))
     overwritten = False
     if complete:
         # Stage directories are reused: a later run (another experiment, same output_dir) may have
@@ -513,27 +515,28 @@ def build_report(tracking_uri: str, experiment: str, output_dir: str, log_to_mlf
                 "throughput_runs": throughput_runs, "throughput_batch": THROUGHPUT_BATCH, "torch": torch.__version__,
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
                 "load_average_1m": round(load_at_start, 2) if load_at_start is not None else None}
-    report_dir = os.path.join(os.path.abspath(output_dir), REPORT_SUBDIR)
-    os.makedirs(report_dir, exist_ok=True)
-    paths = {"markdown": os.path.join(report_dir, "report.md"), "csv": os.path.join(report_dir, "report.csv"),
-             "json": os.path.join(report_dir, "report.json"),
-             "plots": [os.path.join(report_dir, "accuracy_vs_latency.png"), os.path.join(report_dir, "accuracy_agreement.png")]}
+    report_dir = storage.join(storage.abspath(output_dir), REPORT_SUBDIR)
+    names = {"markdown": "report.md", "csv": "report.csv", "json": "report.json",
+             "plots": ["accuracy_vs_latency.png", "accuracy_agreement.png"]}
     report = {"settings": settings, "rows": rows, "skipped": skipped, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "mlflow_report_run_id": None}
-    write_markdown(paths["markdown"], rows, settings, skipped)
-    write_csv(paths["csv"], rows)
-    write_json(paths["json"], report)
-    plot_accuracy_vs_latency(rows, paths["plots"][0])
-    plot_accuracy_agreement(rows, paths["plots"][1])
-
     run_id = None
-    if log_to_mlflow:
-        def rewrite_json(rid: str) -> None:
-            report["mlflow_report_run_id"] = rid
-            write_json(paths["json"], report)
+    # Written locally first (uploaded at the end when output_dir is an object store).
+    with storage.staged_dir(report_dir) as local:
+        at = {k: [os.path.join(local, n) for n in v] if isinstance(v, list) else os.path.join(local, v) for k, v in names.items()}
+        write_markdown(at["markdown"], rows, settings, skipped)
+        write_csv(at["csv"], rows)
+        write_json(at["json"], report)
+        plot_accuracy_vs_latency(rows, at["plots"][0])
+        plot_accuracy_agreement(rows, at["plots"][1])
+        if log_to_mlflow:
+            def rewrite_json(rid: str) -> None:
+                report["mlflow_report_run_id"] = rid
+                write_json(at["json"], report)
 
-        files = [paths["markdown"], paths["csv"], paths["json"], *paths["plots"]]
-        run_id = log_report_run(tracking_uri, experiment_id, rows, settings, files, rewrite_json)
+            files = [at["markdown"], at["csv"], at["json"], *at["plots"]]
+            run_id = log_report_run(tracking_uri, experiment_id, rows, settings, files, rewrite_json)
+    paths = {k: [storage.join(report_dir, n) for n in v] if isinstance(v, list) else storage.join(report_dir, v) for k, v in names.items()}
     return {"stage": "report", "rows": rows, "skipped": skipped, "settings": settings, "report_dir": report_dir,
             "files": paths, "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_id": run_id}}
 

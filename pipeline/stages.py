@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -18,11 +20,11 @@ from pipeline.tracking import Tracker
 def stage_output_dir(cfg: PipelineConfig, stage: str) -> str:
     """``<output_dir>/teacher``, or ``<output_dir>/distill/<method>-<type>`` so that a DeiT student and
     its no-teacher baseline live side by side."""
-    root = os.path.abspath(cfg.output_dir)
+    root = storage.abspath(cfg.output_dir)
     if stage == "teacher":
-        return os.path.join(root, "teacher")
+        return storage.join(root, "teacher")
     d = cfg.distill
-    return os.path.join(root, "distill", f"funmatch-{d.teaching}" if d.method == "funmatch" else f"deit-{d.type}")
+    return storage.join(root, "distill", f"funmatch-{d.teaching}" if d.method == "funmatch" else f"deit-{d.type}")
 
 
 def stage_role(cfg: PipelineConfig, stage: str) -> str:
@@ -47,11 +49,11 @@ def teacher_source(cfg: PipelineConfig) -> str:
     """``distill.teacher`` if set, else the teacher stage's best checkpoint."""
     if cfg.distill.teacher:
         src = cfg.distill.teacher
-        if not src.startswith(("models:/", "runs:/")) and not os.path.isdir(src):
+        if not src.startswith(("models:/", "runs:/")) and not storage.is_dir(src):
             raise ConfigError(f"distill.teacher: {src!r} does not exist (a checkpoint directory or a models:/ URI)")
         return src
-    best = os.path.join(stage_output_dir(cfg, "teacher"), "best")
-    if not os.path.isfile(os.path.join(best, checkpoints.META_FILE)):
+    best = storage.join(stage_output_dir(cfg, "teacher"), "best")
+    if not storage.is_file(storage.join(best, checkpoints.META_FILE)):
         raise ConfigError(f"no teacher for distillation: {best} is missing; run `python -m pipeline teacher` first or set distill.teacher")
     return best
 
@@ -89,13 +91,14 @@ def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) 
 
     from pipeline.evaluate import predict_logits
 
-    meta = checkpoints.read_meta(teacher) if os.path.isdir(teacher) else {}
+    meta = checkpoints.read_meta(teacher) if storage.is_dir(teacher) else {}
     weights = os.path.join(teacher, checkpoints.MODEL_FILE)
+    # Published checkpoints carry a unique checkpoint_id; the file time covers hand-made directories.
     teacher_id = [meta.get("checkpoint_id", teacher), os.stat(weights).st_mtime_ns if os.path.isfile(weights) else None]
     crop = cfg.train.crop_size or read_manifest(shard_dir)["image_size"]
     key = fingerprint("teacher-logits", teacher_id, shard_dir, crop)[:16]
-    path = os.path.join(os.path.abspath(cfg.output_dir), "teacher_cache", f"{key}.pt")
-    if os.path.isfile(path):
+    path = storage.join(storage.abspath(cfg.output_dir), "teacher_cache", f"{key}.pt")
+    if storage.is_file(path):
         log(f"distill: reusing cached teacher logits {path}")
         return path
     model, tmeta = checkpoints.load_model(teacher)
@@ -103,9 +106,9 @@ def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) 
     # Centre crops at the student's input size, as the paper's fixed teacher.
     feed = {**tmeta, "input_size": crop, "eval_transform": "center_crop"}
     logits = predict_logits(model, train.images, feed)["logits"]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"paths": train.paths, "logits": logits}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    buffer = io.BytesIO()
+    torch.save({"paths": train.paths, "logits": logits}, buffer)
+    storage.write_bytes(path, buffer.getvalue())
     log(f"distill: cached teacher logits for {len(train)} training images in {path}")
     return path
 
@@ -120,7 +123,7 @@ def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher:
 
 def model_id(source: str | None) -> str | None:
     """Identifies a published model: its checkpoint id (new on every retrain), or the URI itself."""
-    if source and os.path.isdir(source):
+    if source and not source.startswith(("models:/", "runs:/")) and storage.is_dir(source):
         return checkpoints.read_meta(source).get("checkpoint_id", source)
     return source
 
@@ -128,13 +131,12 @@ def model_id(source: str | None) -> str | None:
 def finished_stage(cfg: PipelineConfig, stage: str, ray_run: str, tracking_uri: str | None = None) -> dict[str, Any] | None:
     """The saved result of ``stage`` if it was produced by the Ray run ``ray_run`` (same fingerprint),
     its published model is still there and it was tracked where this invocation tracks; else None."""
-    path = os.path.join(stage_output_dir(cfg, stage), "result.json")
+    path = storage.join(stage_output_dir(cfg, stage), "result.json")
     try:
-        with open(path) as f:
-            done = json.load(f)
+        done = storage.read_json(path)
     except (OSError, ValueError):
         return None
-    if done.get("ray_run_name") != ray_run or not os.path.isfile(os.path.join(done.get("best_checkpoint", ""), checkpoints.META_FILE)):
+    if done.get("ray_run_name") != ray_run or not storage.is_file(storage.join(done.get("best_checkpoint", ""), checkpoints.META_FILE)):
         return None
     tracked_at = done.get("mlflow", {})
     if tracking_uri and (tracked_at.get("tracking_uri"), tracked_at.get("experiment")) != (tracking_uri, cfg.tracking.experiment):
@@ -169,16 +171,14 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         log(f"{stage}: up to date (same fingerprint as Ray run {name}), skipped; model in {done['best_checkpoint']}. "
             f"To redo it: `python -m pipeline {stage} --force` or `run --force {stage}`.")
         return {**done, "skipped": True}
-    storage_path = os.path.abspath(os.path.join(cfg.output_dir, "ray_results"))
-    run_dir = os.path.join(storage_path, name)
-    if force and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    results_dir = storage.join(storage.abspath(cfg.output_dir), "ray_results")
+    run_dir = storage.join(results_dir, name)
+    if force:
+        storage.delete_dir(run_dir)
     stage_dir = stage_output_dir(cfg, stage)
-    os.makedirs(stage_dir, exist_ok=True)
 
-    id_file = os.path.join(run_dir, "mlflow_run_id")
-    previous = open(id_file).read().strip() if os.path.isfile(id_file) else None
+    id_file = storage.join(run_dir, "mlflow_run_id")
+    previous = storage.read_text(id_file).strip() if storage.is_file(id_file) else None
     tags = {"method": cfg.distill.method if stage == "distill" else "finetune", "dataset": cfg.data.source,
             "ray_run": name, **(extra_tags or {})}
     if stage == "distill" and cfg.distill.method == "deit":
@@ -189,8 +189,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         and cfg.distill.teaching == "fixed_teacher" else None
     run_id = tracker.stage_run(stage, tags, reuse_id=previous)
     if run_id:
-        with open(id_file, "w") as f:
-            f.write(run_id)
+        storage.write_text(id_file, run_id)
 
     init_ray(cfg.ray, cfg.output_dir)
     opt = cfg.teacher if stage == "teacher" else cfg.distill
@@ -199,14 +198,16 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         train_loop_config={"cfg": to_dict(cfg), "stage": stage, "shard_dir": shard_dir, "teacher_source": teacher,
                            "teacher_cache": cache,
                            "tracking_uri": tracker.uri, "run_id": run_id,
-                           "unsent_path": os.path.join(stage_dir, "mlflow_unsent.jsonl"),
+                           "unsent_path": storage.join(stage_dir, "mlflow_unsent.jsonl"),
                            # test hook (tests/reliability): PIPELINE_FAULT='{"epoch": 2, "marker": "/tmp/x"}'
                            "fault": json.loads(os.environ["PIPELINE_FAULT"]) if os.environ.get("PIPELINE_FAULT") else None},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path,
+            # Ray Train writes its checkpoints straight to an object store when given its filesystem.
+            storage_path=storage.ray_storage(results_dir)[0],
+            storage_filesystem=storage.ray_storage(results_dir)[1],
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_acc",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -223,43 +224,49 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         tracker.end(run_id, end_status(exc))
         raise
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
-    best_dir = os.path.join(stage_dir, "best")
-    tmp = best_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with best_ckpt.as_directory() as d:
-        shutil.copytree(d, tmp)
-    meta = checkpoints.read_meta(tmp)
-    # Unique per publication: a forced retrain of the same config must still change the fingerprint
-    # of every stage downstream of this model.
-    meta["checkpoint_id"] = f"{name}/{os.path.basename(best_ckpt.path)}@{time.time_ns()}"
-    with open(os.path.join(tmp, checkpoints.META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
-    os.remove(os.path.join(tmp, checkpoints.STATE_FILE))  # the published model needs no optimizer state
-    shutil.rmtree(best_dir, ignore_errors=True)
-    os.rename(tmp, best_dir)
+    best_dir = storage.join(stage_dir, "best")
+    # A result.json left by an earlier run must not vouch for the model being replaced now.
+    storage.delete_file(storage.join(stage_dir, "result.json"))
+    from pipeline.evaluate import accuracy_report, model_inputs, predict_logits
 
-    # Final evaluation of the published model on the driver: per class, per head, confusion matrix.
-    from pipeline.evaluate import accuracy_report, predict_logits
+    with tempfile.TemporaryDirectory() as work:
+        published = os.path.join(work, "best")
+        with best_ckpt.as_directory() as d:
+            shutil.copytree(d, published)
+        meta = checkpoints.read_meta(published)
+        # Unique per publication: a forced retrain of the same config must still change the fingerprint
+        # of every stage downstream of this model.
+        meta["checkpoint_id"] = f"{name}/{os.path.basename(best_ckpt.path)}@{time.time_ns()}"
+        with open(os.path.join(published, checkpoints.META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+        os.remove(os.path.join(published, checkpoints.STATE_FILE))  # the published model needs no optimizer state
+        storage.publish_dir(published, best_dir, last=checkpoints.META_FILE)
 
-    model, meta = checkpoints.load_model(best_dir)
-    evaluation = {}
-    for split in ("val", "test"):
-        if manifest["split_sizes"][split]:
-            part = load_split(shard_dir, split)
-            evaluation[split] = accuracy_report(predict_logits(model, part.images, meta), part.labels, meta["class_names"])
-    history = _history(result)
-    curves = plots.learning_curves(history, os.path.join(stage_dir, "learning_curves.png"), f"{stage} ({name})")
-    conf = plots.confusion_matrix(evaluation["val"]["confusion"], meta["class_names"], os.path.join(stage_dir, "confusion_val.png"),
-                                  f"{stage}: validation confusion")
-    with open(os.path.join(stage_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
-    for path in (curves, conf, os.path.join(stage_dir, "config.yaml"), os.path.join(shard_dir, "manifest.json")):
-        tracker.log_artifact(run_id, path)
-    from pipeline.evaluate import model_inputs
+        # Final evaluation of the published model on the driver: per class, per head, confusion matrix.
+        model, meta = checkpoints.load_model(published)
+        evaluation = {}
+        for split in ("val", "test"):
+            if manifest["split_sizes"][split]:
+                part = load_split(shard_dir, split)
+                evaluation[split] = accuracy_report(predict_logits(model, part.images, meta), part.labels, meta["class_names"])
+        history = _history(result)
+        with storage.staged_dir(stage_dir) as local:
+            curves = plots.learning_curves(history, os.path.join(local, "learning_curves.png"), f"{stage} ({name})")
+            conf = plots.confusion_matrix(evaluation["val"]["confusion"], meta["class_names"], os.path.join(local, "confusion_val.png"),
+                                          f"{stage}: validation confusion")
+            with open(os.path.join(local, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+            manifest_copy = os.path.join(work, "manifest.json")
+            with open(manifest_copy, "w") as f:
+                json.dump(manifest, f, indent=2)
+            for path in (curves, conf, os.path.join(local, "config.yaml"), manifest_copy):
+                tracker.log_artifact(run_id, path)
+        artifacts = {"learning_curves": storage.join(stage_dir, "learning_curves.png"),
+                     "confusion": storage.join(stage_dir, "confusion_val.png")}
 
-    example = model_inputs(load_split(shard_dir, "val").images[:2], meta)
-    suffix = "teacher" if stage == "teacher" else "student"
-    model_uri = tracker.log_model(run_id, model, meta, example, f"{cfg.tracking.experiment}-{suffix}") if cfg.tracking.log_models else None
+        example = model_inputs(load_split(shard_dir, "val").images[:2], meta)
+        suffix = "teacher" if stage == "teacher" else "student"
+        model_uri = tracker.log_model(run_id, model, meta, example, f"{cfg.tracking.experiment}-{suffix}") if cfg.tracking.log_models else None
     summary = {f"best_{k}": v for k, v in best_metrics.items() if isinstance(v, (int, float))}
     summary.update({f"final_{s}_top1": e["top1"] for s, e in evaluation.items()})
     from pipeline.tracking import EpochLogger
@@ -280,13 +287,10 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         "evaluation": {s: {k: v for k, v in e.items() if k != "confusion"} for s, e in evaluation.items()},
         "history": history,
         "mlflow": {"tracking_uri": tracker.uri, "experiment": cfg.tracking.experiment, "run_id": run_id, "model_uri": model_uri},
-        "artifacts": {"learning_curves": curves, "confusion": conf},
+        "artifacts": artifacts,
     }
     # Written last: its presence (with this run's name) is what lets a later invocation skip the stage.
-    tmp = os.path.join(stage_dir, "result.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(stage_dir, "result.json"))
+    storage.write_json(storage.join(stage_dir, "result.json"), result)
     return result
 
 

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, _set_dotted, fingerprint, to_dict, validate_tree
 from pipeline.tracking import Tracker
 
@@ -80,7 +81,7 @@ def _trial(config: dict[str, Any]) -> None:
     from pipeline.stages import run_training_stage
 
     ctx = tune.get_context()
-    trial_dir = os.path.join(config["sweep_dir"], "trials", ctx.get_trial_id())
+    trial_dir = storage.join(config["sweep_dir"], "trials", ctx.get_trial_id())
     cfg = trial_config(config["base"], config["params"], trial_dir, config["teacher"])
     tracker = Tracker.attach(cfg, config["tracking_uri"], config["experiment_id"], config["parent_id"])
     tags = {"sweep": config["sweep_name"], "trial_id": ctx.get_trial_id(),
@@ -104,11 +105,10 @@ def finished_sweep(cfg: PipelineConfig) -> dict[str, Any] | None:
     from pipeline.stages import shard_dir_of, validate_stage
 
     shard_dir = shard_dir_of(cfg)
-    path = os.path.join(os.path.abspath(cfg.output_dir), "sweeps", sweep_name(cfg, shard_dir, validate_stage(cfg, cfg.tune.stage)),
+    path = storage.join(storage.abspath(cfg.output_dir), "sweeps", sweep_name(cfg, shard_dir, validate_stage(cfg, cfg.tune.stage)),
                         "result.json")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return storage.read_json(path)
     except (OSError, ValueError):
         return None
 
@@ -125,14 +125,12 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
     sweep = cfg.tune
     shard_dir = shard_dir_of(cfg)
     teacher = validate_stage(cfg, sweep.stage)
-    storage_path = os.path.abspath(os.path.join(cfg.output_dir, "sweeps"))
+    sweeps_dir = storage.join(storage.abspath(cfg.output_dir), "sweeps")
+    storage_path, storage_fs = storage.ray_storage(sweeps_dir)
     name = sweep_name(cfg, shard_dir, teacher)
-    sweep_dir = os.path.join(storage_path, name)
-    if force and os.path.isdir(sweep_dir):
-        import shutil
-
-        shutil.rmtree(sweep_dir)
-    os.makedirs(sweep_dir, exist_ok=True)
+    sweep_dir = storage.join(sweeps_dir, name)
+    if force:
+        storage.delete_dir(sweep_dir)
     init_ray(cfg.ray, cfg.output_dir)
     import ray
 
@@ -143,12 +141,11 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
     if cfg.ray.use_gpu:
         concurrent = min(concurrent, max(1, int(ray.cluster_resources().get("GPU", 1) // cfg.ray.num_workers)))
 
-    id_file = os.path.join(sweep_dir, "mlflow_parent_run_id")
-    parent_id = open(id_file).read().strip() if resume and os.path.isfile(id_file) else None
+    id_file = storage.join(sweep_dir, "mlflow_parent_run_id")
+    parent_id = storage.read_text(id_file).strip() if resume and storage.is_file(id_file) else None
     parent_id = tracker.stage_run(f"sweep-{sweep.stage}", {"sweep": name}, reuse_id=parent_id)
     if parent_id:
-        with open(id_file, "w") as f:
-            f.write(parent_id)
+        storage.write_text(id_file, parent_id)
     base = to_dict(cfg)
     # The trial function only drives a TorchTrainer whose workers hold the CPUs/GPUs; Tune refuses
     # an empty request, so it asks for a sliver of a CPU.
@@ -162,26 +159,30 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
                                reduction_factor=sweep.reduction_factor) if sweep.scheduler == "asha" else None)
     tune_config = tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                                   max_concurrent_trials=concurrent, scheduler=scheduler)
-    if resume and tune.Tuner.can_restore(sweep_dir):
+    restore_path = storage.resolve(sweep_dir)[1] if storage_fs else sweep_dir
+    if resume and tune.Tuner.can_restore(restore_path, storage_filesystem=storage_fs):
         log(f"sweep: resuming {sweep_dir} (finished trials are kept)")
-        tuner = tune.Tuner.restore(sweep_dir, trainable=trainable, param_space=param_space, resume_errored=True)
+        tuner = tune.Tuner.restore(restore_path, trainable=trainable, param_space=param_space, resume_errored=True,
+                                   storage_filesystem=storage_fs)
     else:
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
-                           run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0))
+                           run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0))
     log(f"sweep: {sweep.num_samples} sample(s) over {', '.join(sweep.space)}; {concurrent} trial(s) at a time; {sweep_dir}")
     results = tuner.fit()
     return summarize(cfg, tracker, results, parent_id, sweep_dir, name, epochs, log)
 
 
-def _best_checkpoint(df, metric: str, mode: str) -> str | None:
-    """The checkpoint reported with the trial's best value of ``metric`` (Tune's ``checkpoint_path``)."""
+def _best_checkpoint(df, metric: str, mode: str, sweep_dir: str) -> str | None:
+    """The checkpoint reported with the trial's best value of ``metric`` (Tune's ``checkpoint_path``,
+    a path inside the sweep's filesystem, returned as a path or URI like ``sweep_dir``)."""
     if df is None or metric not in df or "checkpoint_path" not in df:
         return None
     rows = df[df["checkpoint_path"].notna()].sort_values(metric, ascending=mode == "min")
     # Ray keeps the best few checkpoints by validation accuracy; the sweep's metric may rank others first.
     for path in rows["checkpoint_path"]:
-        if os.path.isdir(str(path)):
-            return str(path)
+        where = storage.uri_for(sweep_dir, str(path))
+        if storage.is_dir(where):
+            return where
     return None
 
 
@@ -210,7 +211,7 @@ def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: s
                "error": str(r.error)[:200] if r.error else ""}
         run = children.get(trial_id)
         row["mlflow_run_id"] = run.info.run_id if run else None
-        row["best_checkpoint"] = _best_checkpoint(df, sweep.metric, sweep.mode)
+        row["best_checkpoint"] = _best_checkpoint(df, sweep.metric, sweep.mode, sweep_dir)
         if run:
             if row["stopped_early"]:
                 tracker.set_tags(run.info.run_id, {"stopped_early": "true"})
@@ -220,23 +221,24 @@ def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: s
         raise RuntimeError(f"no trial of {name} reported a metric; see the trial logs under {sweep_dir}")
     scored = [r for r in rows if r[sweep.metric] is not None]
     best = (max if sweep.mode == "max" else min)(scored, key=lambda r: r[sweep.metric])
-    os.makedirs(sweep_dir, exist_ok=True)
-    table_md = os.path.join(sweep_dir, "trials.md")
     keys = [k for k in rows[0] if k != "best_checkpoint"]
-    with open(table_md, "w") as f:
-        f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
-        for r in sorted(scored, key=lambda r: r[sweep.metric], reverse=sweep.mode == "max"):
-            f.write("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |\n")
-    table_csv = os.path.join(sweep_dir, "trials.csv")
-    import csv
+    with storage.staged_dir(sweep_dir) as local:
+        table_md = os.path.join(local, "trials.md")
+        with open(table_md, "w") as f:
+            f.write("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n")
+            for r in sorted(scored, key=lambda r: r[sweep.metric], reverse=sweep.mode == "max"):
+                f.write("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |\n")
+        table_csv = os.path.join(local, "trials.csv")
+        import csv
 
-    with open(table_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    plot = plots.sweep_scatter(scored, list(cfg.tune.space), sweep.metric, os.path.join(sweep_dir, "metric_vs_params.png"))
-    for path in (table_md, table_csv, plot):
-        tracker.log_artifact(parent_id, path)
+        with open(table_csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        plot = plots.sweep_scatter(scored, list(cfg.tune.space), sweep.metric, os.path.join(local, "metric_vs_params.png"))
+        for path in (table_md, table_csv, plot):
+            tracker.log_artifact(parent_id, path)
+    table_md, plot = storage.join(sweep_dir, "trials.md"), storage.join(sweep_dir, "metric_vs_params.png")
     model_uri = None
     if best.get("mlflow_run_id"):
         tracker.set_tags(best["mlflow_run_id"], {"best_trial": "true"})
@@ -259,8 +261,5 @@ def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: s
     # Marks the sweep finished: `run` skips a sweep whose result.json exists (unless forced). Not
     # written when a trial errored, so that the next `run` resumes (and retries) it.
     if not any(r["error"] for r in rows):
-        tmp = os.path.join(sweep_dir, "result.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-        os.replace(tmp, os.path.join(sweep_dir, "result.json"))
+        storage.write_json(storage.join(sweep_dir, "result.json"), result)
     return result

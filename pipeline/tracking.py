@@ -121,10 +121,11 @@ class EpochLogger:
 
     def close(self) -> None:
         if not self.flush(tries=5) and self.fallback_path:
-            os.makedirs(os.path.dirname(self.fallback_path), exist_ok=True)
-            with open(self.fallback_path, "a") as f:
-                for k, v, ts, step in self.pending:
-                    f.write(json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts, "step": step}) + "\n")
+            from pipeline import storage
+
+            storage.append_text(self.fallback_path, "".join(
+                json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": ts, "step": step}) + "\n"
+                for k, v, ts, step in self.pending))
             warnings.warn(f"MLflow: {len(self.pending)} metric values kept in {self.fallback_path}", stacklevel=2)
 
 
@@ -173,7 +174,12 @@ class Tracker:
 
         ok, got = _attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
         if not ok and not self.uri.startswith("sqlite"):
-            fallback = f"sqlite:///{os.path.abspath(os.path.join(self.cfg.output_dir, 'mlflow_fallback.db'))}"
+            from pipeline import storage
+            from pipeline.config import base_dir
+
+            # SQLite needs a local file: beside the outputs, or in the base directory when they are in an object store.
+            local_root = base_dir() if storage.is_uri(self.cfg.output_dir) else self.cfg.output_dir
+            fallback = f"sqlite:///{os.path.abspath(os.path.join(local_root, 'mlflow_fallback.db'))}"
             os.makedirs(os.path.abspath(self.cfg.output_dir), exist_ok=True)
             warnings.warn(f"MLflow at {self.uri} is unreachable: this invocation logs to the local store {fallback} "
                           f"instead (`mlflow ui --backend-store-uri {fallback}` shows it)", stacklevel=2)

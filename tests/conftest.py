@@ -17,6 +17,10 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # `ray start` turns Ray's token authentication on; clients (this process as a driver, `ray job`)
 # must say so to send the token from ~/.ray/auth_token.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Dummy AWS credentials for the local S3 server (`object_store`): set before `ray start` so that Ray's
+# workers inherit them, and so that nothing in the tests can ever reach a real AWS account.
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
 
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -66,6 +70,30 @@ def ray_local(ray_cluster):
     if not ray.is_initialized():
         ray.init(address=ray_cluster["address"], logging_level="WARNING")
     yield ray
+
+
+@pytest.fixture(scope="session")
+def object_store():
+    """An S3-compatible server (moto) on a free loopback port, with a bucket; yields a function that
+    gives a fresh ``s3://`` prefix carrying the endpoint in its query, as a MinIO user would write it."""
+    import itertools
+    import logging
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    query = f"endpoint_override=127.0.0.1:{port}&scheme=http"
+    try:
+        fs, _ = pafs.FileSystem.from_uri(f"s3://pipeline-tests?{query}&allow_bucket_creation=true")
+        fs.create_dir("pipeline-tests")
+        counter = itertools.count()
+        yield lambda name="run": f"s3://pipeline-tests/{name}-{next(counter)}?{query}"
+    finally:
+        server.stop()
 
 
 def write_image(path: Path, seed: int, size=(40, 30), mode: str = "RGB", fmt: str | None = None) -> Path:

@@ -115,4 +115,5 @@ def stream_split(shard_dir: str, split: str):
             "label": batch["label"].astype(np.int64),
         }
 
-    return ray.data.read_parquet(storage.join(shard_dir, split)).map_batches(to_arrays, batch_format="numpy")
+    fs, path = storage.resolve(storage.join(shard_dir, split))
+    return ray.data.read_parquet(path, filesystem=fs).map_batches(to_arrays, batch_format="numpy")

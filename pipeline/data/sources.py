@@ -253,7 +253,9 @@ def _flowers102(cfg: DataConfig) -> SourceListing:
 
 def _synthetic(cfg: DataConfig, output_dir: str) -> SourceListing:
     s = cfg.synthetic
-    root = Path(cfg.path or Path(output_dir) / "synthetic_source")
+    # Generated images are read by path, so with outputs in an object store they live in the local cache.
+    default_parent = Path(cfg.cache_dir).expanduser() if "://" in output_dir else Path(output_dir)
+    root = Path(cfg.path or default_parent / "synthetic_source")
     synthetic.generate(root, s.num_classes, s.images_per_class, s.image_size, cfg.seed)
     return _folder_listing(root, cfg)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline import checkpoints, losses
+from pipeline import checkpoints, losses, storage
 from pipeline.config import OptimConfig, PipelineConfig
 from pipeline.data import augment
 from pipeline.models import build_student, build_teacher, has_distillation_head
@@ -149,7 +149,7 @@ class FunMatchTask:
         if self.teaching == "fixed_teacher":
             if teacher_cache is None:
                 raise ValueError("fixed_teacher needs the cached teacher logits")
-            cache = torch.load(teacher_cache, map_location="cpu", weights_only=True)
+            cache = torch.load(storage.bytes_io(teacher_cache), map_location="cpu", weights_only=True)
             self.cached = {"paths": cache["paths"], "logits": cache["logits"]}
         self.part_logits: torch.Tensor | None = None
         self.record: list[dict[str, torch.Tensor]] | None = None  # tests set a list to see what each model got

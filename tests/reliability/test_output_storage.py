@@ -5,7 +5,7 @@ from collections import namedtuple
 
 import pytest
 
-from pipeline import preflight
+from pipeline import preflight, storage
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, RayConfig, base_dir, load_config
 
@@ -93,6 +93,14 @@ def test_relative_paths_inside_a_ray_job_copy_never_land_in_the_copy(tmp_path, m
     assert load_config(None, ["output_dir=out"]).output_dir == str(tmp_path / "project" / "out")
 
 
-def test_object_store_output_dir_is_refused_for_training_stages_with_the_reason(capsys):
-    code, err = _cli(capsys, "teacher", "output_dir=s3://bucket/prefix")
-    assert code == 2 and "filesystem path" in err and "NFS" in err
+def test_an_object_store_output_is_probed_and_left_clean(object_store):
+    out = object_store("preflight")
+    preflight.check_output_location(load_config(None, [f"output_dir={out}"]))
+    assert storage.list_files(out) == []
+
+
+def test_an_unreachable_object_store_is_reported_before_any_work(tmp_path, capsys):
+    dead = "s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http"  # nothing listens on port 9
+    code, err = _cli(capsys, "teacher", f"output_dir={dead}", f"tracking.uri=sqlite:///{tmp_path}/m.db")
+    assert code == 2 and "is not writable" in err and "Could not connect" in err
+    assert not (tmp_path / "m.db").exists()  # refused before the tracking store was touched

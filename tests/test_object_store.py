@@ -64,6 +64,12 @@ def test_every_output_lands_in_the_bucket_and_none_on_local_disk(bucket_run):
     assert has("ray_results/distill-", "/mlflow_run_id")
     assert has("sweeps/sweep-distill-", "/result.json") and has("sweeps/sweep-distill-", "/trials.md")
     assert has("sweeps/sweep-distill-", "/model.pt")  # trial checkpoints, written by Ray Tune/Train
+    (sweep_result,) = [n for n in names if n.startswith("sweeps/") and n.endswith("/result.json") and n.count("/") == 2]
+    sweep = storage.read_json(storage.join(bucket_run["out"], sweep_result))
+    assert len(sweep["trials"]) == 2 and not any(t["error"] for t in sweep["trials"])
+    # The best trial's checkpoint is found in the bucket and its model registered from there.
+    assert sweep["best"]["best_checkpoint"].startswith("s3://") and storage.is_dir(sweep["best"]["best_checkpoint"])
+    assert sweep["mlflow"]["registered_model"]
     assert not bucket_run["base"].exists() or not any(bucket_run["base"].iterdir())
     assert not any(n.startswith("report/") for n in names)  # written by the later report call
 

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -268,6 +269,11 @@ def _allowed_keys(loc: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
+def redact(text: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://***@host``: error messages never echo credentials."""
+    return re.sub(r"://[^/@\s'\"]+@", "://***@", text)
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
@@ -282,8 +288,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg += f"; allowed keys here: {', '.join(allowed)}"
         else:
             text = e["msg"].removeprefix("Value error, ")
-            shown = "" if "credentials" in text else f"; got {e.get('input')!r}"  # never echo a secret
-            msg = f"  {key}: {text}" + (shown if loc else "")
+            msg = f"  {key}: {text}" + (f"; got {redact(repr(e.get('input')))}" if loc else "")
             ctx = e.get("ctx") or {}
             if "expected" in ctx and str(ctx["expected"]) not in text:
                 msg += f" (allowed: {ctx['expected']})"
@@ -313,7 +318,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
     if overrides:
-        source += " + overrides " + " ".join(overrides)
+        source += " + overrides " + redact(" ".join(overrides))
     try:
         cfg = PipelineConfig.model_validate(tree)
     except ValidationError as err:

@@ -115,6 +115,7 @@ def check_shared_storage(output_dir: str, ray_cfg: RayConfig, nodes: int | None 
         where = f"the Ray cluster has {nodes} nodes" if nodes > 1 else "the GPU workers will run on other nodes than this GPU-less one"
         raise ConfigError(
             f"output_dir {output_dir!r} is on {why}, but {where}: workers elsewhere would write "
-            "shards and checkpoints to their own disks, out of reach of the driver and the next stage. Use a path on "
-            "NFS/EFS mounted at the same place on every node (cluster.yaml mounts EFS at /mnt/shared); if this path is "
+            "shards and checkpoints to their own disks, out of reach of the driver and the next stage. Use an object-store "
+            "URI (output_dir=s3://bucket/prefix) or a path on NFS/EFS mounted at the same place on every node "
+            "(cluster.yaml mounts EFS at /mnt/shared); if this path is "
             "shared in a way we cannot detect, set ray.shared_storage=true.")

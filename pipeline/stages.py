@@ -193,6 +193,8 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
 
     init_ray(cfg.ray, cfg.output_dir)
     opt = cfg.teacher if stage == "teacher" else cfg.distill
+    # Ray Train writes its checkpoints straight to an object store when given its filesystem.
+    storage_path, storage_fs = storage.ray_storage(results_dir)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "stage": stage, "shard_dir": shard_dir, "teacher_source": teacher,
@@ -205,9 +207,8 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=RunConfig(
             name=name,
-            # Ray Train writes its checkpoints straight to an object store when given its filesystem.
-            storage_path=storage.ray_storage(results_dir)[0],
-            storage_filesystem=storage.ray_storage(results_dir)[1],
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_acc",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -244,10 +245,10 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
 
         # Final evaluation of the published model on the driver: per class, per head, confusion matrix.
         model, meta = checkpoints.load_model(published)
-        evaluation = {}
+        evaluation, parts = {}, {}
         for split in ("val", "test"):
             if manifest["split_sizes"][split]:
-                part = load_split(shard_dir, split)
+                parts[split] = part = load_split(shard_dir, split)
                 evaluation[split] = accuracy_report(predict_logits(model, part.images, meta), part.labels, meta["class_names"])
         history = _history(result)
         with storage.staged_dir(stage_dir) as local:
@@ -264,7 +265,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         artifacts = {"learning_curves": storage.join(stage_dir, "learning_curves.png"),
                      "confusion": storage.join(stage_dir, "confusion_val.png")}
 
-        example = model_inputs(load_split(shard_dir, "val").images[:2], meta)
+        example = model_inputs(parts["val"].images[:2], meta)
         suffix = "teacher" if stage == "teacher" else "student"
         model_uri = tracker.log_model(run_id, model, meta, example, f"{cfg.tracking.experiment}-{suffix}") if cfg.tracking.log_models else None
     summary = {f"best_{k}": v for k, v in best_metrics.items() if isinstance(v, (int, float))}

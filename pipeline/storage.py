@@ -7,7 +7,6 @@ Credentials come from the environment or the instance role, never from the URI (
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -56,10 +55,6 @@ def join(base: str, *parts: str) -> str:
         root, query = _split_query(base)
         return posixpath.join(root, *parts) + query
     return os.path.join(base, *parts)
-
-
-def basename(path: str) -> str:
-    return posixpath.basename(_split_query(path)[0].rstrip("/")) if "://" in path else os.path.basename(path)
 
 
 def _type(path: str) -> pafs.FileType:
@@ -138,12 +133,6 @@ def delete_file(path: str) -> None:
     fs, p = resolve(path)
     if fs.get_file_info(p).type == pafs.FileType.File:
         fs.delete_file(p)
-
-
-def move(src: str, dst: str) -> None:
-    fs, s = resolve(src)
-    _, d = resolve(dst)
-    fs.move(s, d)
 
 
 def list_files(directory: str, suffix: str = "") -> list[str]:
@@ -234,7 +223,3 @@ def staged_dir(path: str) -> Iterator[str]:
                     write_bytes(join(path, *os.path.relpath(src, tmp).split(os.sep)), f.read())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def bytes_io(path: str) -> io.BytesIO:
-    return io.BytesIO(read_bytes(path))

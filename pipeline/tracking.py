@@ -180,7 +180,7 @@ class Tracker:
             # SQLite needs a local file: beside the outputs, or in the base directory when they are in an object store.
             local_root = base_dir() if storage.is_uri(self.cfg.output_dir) else self.cfg.output_dir
             fallback = f"sqlite:///{os.path.abspath(os.path.join(local_root, 'mlflow_fallback.db'))}"
-            os.makedirs(os.path.abspath(self.cfg.output_dir), exist_ok=True)
+            os.makedirs(os.path.abspath(local_root), exist_ok=True)
             warnings.warn(f"MLflow at {self.uri} is unreachable: this invocation logs to the local store {fallback} "
                           f"instead (`mlflow ui --backend-store-uri {fallback}` shows it)", stacklevel=2)
             self.uri = fallback

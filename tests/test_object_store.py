@@ -30,14 +30,20 @@ def bucket_run(ray_local, object_store, tmp_path_factory):
         "tune.in_run=true", "tune.space={distill.lr: {type: choice, values: [0.01, 0.001]}}", "tune.search=grid",
         "tune.num_samples=1", "tune.scheduler=none",
     ]
-    base = tmp / "base"  # where relative paths and a default MLflow store would go
+    # The base directory (relative paths, a default MLflow store) is also the working directory, so a
+    # URI mistaken for a local path (os.path.abspath("s3://...")) would leave a directory here.
+    base = tmp / "base"
+    base.mkdir()
     os.environ["PIPELINE_BASE_DIR"] = str(base)
+    previous_cwd = os.getcwd()
+    os.chdir(base)
     try:
         first = cli_main(["run", *overrides])
         objects = storage.list_files(out)
         second = cli_main(["run", *overrides])
         report = cli_main(["report", *overrides, "--latency-runs", "2", "--throughput-runs", "1"])
     finally:
+        os.chdir(previous_cwd)
         del os.environ["PIPELINE_BASE_DIR"]
     return {"out": out, "uri": uri, "tmp": tmp, "base": base, "codes": (first, second, report), "objects": objects}
 
@@ -70,7 +76,7 @@ def test_every_output_lands_in_the_bucket_and_none_on_local_disk(bucket_run):
     # The best trial's checkpoint is found in the bucket and its model registered from there.
     assert sweep["best"]["best_checkpoint"].startswith("s3://") and storage.is_dir(sweep["best"]["best_checkpoint"])
     assert sweep["mlflow"]["registered_model"]
-    assert not bucket_run["base"].exists() or not any(bucket_run["base"].iterdir())
+    assert list(bucket_run["base"].iterdir()) == []
     assert not any(n.startswith("report/") for n in names)  # written by the later report call
 
 

@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.data import synthetic
 
@@ -254,7 +255,7 @@ def _flowers102(cfg: DataConfig) -> SourceListing:
 def _synthetic(cfg: DataConfig, output_dir: str) -> SourceListing:
     s = cfg.synthetic
     # Generated images are read by path, so with outputs in an object store they live in the local cache.
-    default_parent = Path(cfg.cache_dir).expanduser() if "://" in output_dir else Path(output_dir)
+    default_parent = Path(cfg.cache_dir).expanduser() if storage.is_uri(output_dir) else Path(output_dir)
     root = Path(cfg.path or default_parent / "synthetic_source")
     synthetic.generate(root, s.num_classes, s.images_per_class, s.image_size, cfg.seed)
     return _folder_listing(root, cfg)

@@ -3,6 +3,7 @@ evaluation outputs. Each step returns a dict of named tensors; logging happens o
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import torch
@@ -149,7 +150,7 @@ class FunMatchTask:
         if self.teaching == "fixed_teacher":
             if teacher_cache is None:
                 raise ValueError("fixed_teacher needs the cached teacher logits")
-            cache = torch.load(storage.bytes_io(teacher_cache), map_location="cpu", weights_only=True)
+            cache = torch.load(io.BytesIO(storage.read_bytes(teacher_cache)), map_location="cpu", weights_only=True)
             self.cached = {"paths": cache["paths"], "logits": cache["logits"]}
         self.part_logits: torch.Tensor | None = None
         self.record: list[dict[str, torch.Tensor]] | None = None  # tests set a list to see what each model got

@@ -94,3 +94,27 @@ def test_unreachable_tracking_server_does_not_stop_training(ray_local, tmp_path)
     assert fallback.is_file() and result["mlflow"]["run_id"]
     client = MlflowClient(f"sqlite:///{fallback}")
     assert [m.step for m in client.get_metric_history(result["mlflow"]["run_id"], "train_loss")] == [1, 2]
+
+
+def test_fallback_store_for_object_store_outputs_is_in_the_base_directory(tmp_path, monkeypatch):
+    """SQLite needs a local file: with outputs in a bucket the fallback goes to the base directory, and
+    no local directory named after the URI appears in the working directory."""
+    from pipeline.config import load_config
+    from pipeline.tracking import Tracker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base, cwd = tmp_path / "base", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("PIPELINE_BASE_DIR", str(base))
+    cfg = load_config(None, ["output_dir=s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http",
+                             f"tracking.uri=http://127.0.0.1:{port}"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = Tracker(cfg, "teacher").start()
+    tracker.finish()
+    assert tracker.uri == f"sqlite:///{base / 'mlflow_fallback.db'}"
+    assert (base / "mlflow_fallback.db").is_file() and any("unreachable" in str(w.message) for w in caught)
+    assert list(cwd.iterdir()) == []

@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 PYTHON ?= python3
 FLOWERS ?= ../shared/datasets/flower_photos
 
-.PHONY: install demo test smoke clean
+.PHONY: install demo test smoke quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(STAMP)
 smoke: $(STAMP)
 	$(PY) -m pipeline run --config configs/tf_flowers_smoke.yaml data.path=$(FLOWERS) \
 		tracking.uri=sqlite:///$(CURDIR)/outputs/tf_flowers_smoke/mlflow.db
+
+# The quality protocol on real photos (README, "Model quality"): about 75 min on 2 CPUs.
+quality: $(STAMP)
+	$(PY) benchmarks/quality.py --out outputs/quality --photos $(FLOWERS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -66,7 +66,7 @@ def main() -> None:
             t = time.perf_counter()
             x, x_teacher, _ = task.train_inputs(images, idx, gen)
             t2 = time.perf_counter()
-            loss = task.kl(model(x), task.teacher_logits(x_teacher))
+            loss = task.kl(model(x), task.teacher.logits(x_teacher))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

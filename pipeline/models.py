@@ -91,9 +91,17 @@ def build_student(name: str, pretrained: str, num_classes: int, img_size: int, d
     check_model_name(name, "distill.student")
     create = {"num_classes": num_classes, "img_size": img_size, "drop_path_rate": drop_path}
     model, create = _create(name, pretrained == "hub", create)
-    if pretrained not in ("none", "hub"):
-        _load_weights_file(model, pretrained)
     mean, std = normalisation(model)
+    if pretrained == "package":
+        from pipeline.weights import PACKAGE_MEAN, PACKAGE_STD, load_package_weights
+
+        state = {k: v for k, v in load_package_weights(name).items() if not k.startswith("classifier.")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("classifier.") for k in missing):
+            raise ConfigError(f"the package weights of {name} do not fit the student (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        mean, std = tuple(PACKAGE_MEAN), tuple(PACKAGE_STD)
+    elif pretrained not in ("none", "hub"):
+        _load_weights_file(model, pretrained)
     return model, {"arch": name, "create_kwargs": create, "mean": list(mean), "std": list(std)}
 
 
@@ -104,3 +112,12 @@ def model_from_meta(meta: dict[str, Any]) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """NHWC memory order: on GPU always; on CPU for models with depthwise convolutions, whose
+    NHWC kernels are much faster there (measured on 2 cores, training at 112 px: Lite0 1.7x,
+    MobileNetV3 1.8x) while ResNets get slower (0.76x)."""
+    if device.type == "cuda":
+        return True
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())

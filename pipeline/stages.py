@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 from pipeline import checkpoints, plots, storage
-from pipeline.config import ConfigError, PipelineConfig, fingerprint, to_dict, to_yaml
+from pipeline.config import ConfigError, PipelineConfig, fingerprint, stage_train, to_dict, to_yaml
 from pipeline.data.loading import load_split, read_manifest
-from pipeline.models import check_model_name, is_distilled_arch
+from pipeline.models import check_model_name
 from pipeline.tracking import Tracker
 
 
@@ -24,7 +24,7 @@ def stage_output_dir(cfg: PipelineConfig, stage: str) -> str:
     if stage == "teacher":
         return storage.join(root, "teacher")
     d = cfg.distill
-    return storage.join(root, "distill", f"funmatch-{d.teaching}" if d.method == "funmatch" else f"deit-{d.type}")
+    return storage.join(root, "distill", d.name or (f"funmatch-{d.teaching}" if d.method == "funmatch" else f"deit-{d.type}"))
 
 
 def stage_role(cfg: PipelineConfig, stage: str) -> str:
@@ -32,6 +32,8 @@ def stage_role(cfg: PipelineConfig, stage: str) -> str:
     if stage == "teacher":
         return "teacher"
     d = cfg.distill
+    if d.name:
+        return d.name
     if d.method == "funmatch":
         return f"funmatch-{d.teaching}"
     return "baseline" if d.type == "none" else f"deit-{d.type}"
@@ -73,11 +75,19 @@ def validate_stage(cfg: PipelineConfig, stage: str) -> str | None:
         return None
     d = cfg.distill
     check_model_name(d.student, "distill.student")
-    if d.type in ("soft", "hard") and d.method == "deit" and not is_distilled_arch(d.student):
-        raise ConfigError(f"distill.type={d.type} needs a student with a distillation token (e.g. deit_tiny_distilled_patch16_224); "
-                          f"{d.student!r} has none. Use distill.type=none for a plain baseline.")
-    if d.student_pretrained not in ("none", "hub") and not os.path.isfile(d.student_pretrained):
-        raise ConfigError(f"distill.student_pretrained: {d.student_pretrained!r} is not none, hub or an existing file")
+    if d.teacher_input_size and d.method == "funmatch":
+        raise ConfigError("distill.teacher_input_size applies to distill.method=deit; in function matching the teacher sees "
+                          "the student's very tensor: leave it unset")
+    if d.teacher_views and d.method == "funmatch":
+        raise ConfigError("distill.teacher_views replays recorded views for distill.method=deit; function matching mixes "
+                          "images per batch, which needs the online teacher: set distill.teacher_views=0")
+    if d.student_pretrained == "package":
+        from pipeline.weights import PACKAGE_WEIGHTS
+
+        if d.student not in PACKAGE_WEIGHTS:
+            raise ConfigError(f"distill.student_pretrained=package has weights only for {sorted(PACKAGE_WEIGHTS)}, not {d.student!r}")
+    elif d.student_pretrained not in ("none", "hub") and not os.path.isfile(d.student_pretrained):
+        raise ConfigError(f"distill.student_pretrained: {d.student_pretrained!r} is not none, package, hub or an existing file")
     return teacher_source(cfg) if d.type != "none" or d.method == "funmatch" else None
 
 
@@ -91,12 +101,8 @@ def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) 
 
     from pipeline.evaluate import predict_logits
 
-    meta = checkpoints.read_meta(teacher) if storage.is_dir(teacher) else {}
-    weights = os.path.join(teacher, checkpoints.MODEL_FILE)
-    # Published checkpoints carry a unique checkpoint_id; the file time covers hand-made directories.
-    teacher_id = [meta.get("checkpoint_id", teacher), os.stat(weights).st_mtime_ns if os.path.isfile(weights) else None]
-    crop = cfg.train.crop_size or read_manifest(shard_dir)["image_size"]
-    key = fingerprint("teacher-logits", teacher_id, shard_dir, crop)[:16]
+    crop = stage_train(cfg, "distill").crop_size or read_manifest(shard_dir)["image_size"]
+    key = fingerprint("teacher-logits", teacher_identity(teacher), shard_dir, crop)[:16]
     path = storage.join(storage.abspath(cfg.output_dir), "teacher_cache", f"{key}.pt")
     if storage.is_file(path):
         log(f"distill: reusing cached teacher logits {path}")
@@ -111,6 +117,15 @@ def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) 
     storage.write_bytes(path, buffer.getvalue())
     log(f"distill: cached teacher logits for {len(train)} training images in {path}")
     return path
+
+
+def teacher_identity(teacher: str) -> list:
+    """What makes a teacher's outputs what they are: published checkpoints carry a unique
+    ``checkpoint_id``; the weights file's time covers hand-made directories; a registry URI names
+    a version (an alias or ``latest`` may move: pin a version to reuse cached outputs safely)."""
+    meta = checkpoints.read_meta(teacher) if not teacher.startswith(("models:/", "runs:/")) and storage.is_dir(teacher) else {}
+    weights = os.path.join(teacher, checkpoints.MODEL_FILE)
+    return [meta.get("checkpoint_id", teacher), os.stat(weights).st_mtime_ns if os.path.isfile(weights) else None]
 
 
 def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher: str | None) -> str:
@@ -180,14 +195,20 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     id_file = storage.join(run_dir, "mlflow_run_id")
     previous = storage.read_text(id_file).strip() if storage.is_file(id_file) else None
     tags = {"method": cfg.distill.method if stage == "distill" else "finetune", "dataset": cfg.data.source,
-            "ray_run": name, **(extra_tags or {})}
+            "ray_run": name, "arch": cfg.distill.student if stage == "distill" else cfg.teacher.model, **(extra_tags or {})}
     if stage == "distill" and cfg.distill.method == "deit":
         tags["distill_type"] = cfg.distill.type
     if stage == "distill" and cfg.distill.method == "funmatch":
         tags["teaching"] = cfg.distill.teaching
-    cache = teacher_cache(cfg, shard_dir, teacher, log) if stage == "distill" and cfg.distill.method == "funmatch" \
-        and cfg.distill.teaching == "fixed_teacher" else None
-    run_id = tracker.stage_run(stage, tags, reuse_id=previous)
+    cache = None
+    if stage == "distill" and cfg.distill.method == "funmatch" and cfg.distill.teaching == "fixed_teacher":
+        cache = teacher_cache(cfg, shard_dir, teacher, log)
+    elif stage == "distill" and teacher and cfg.distill.teacher_views:
+        from pipeline.label import label_views
+
+        cache = label_views(cfg, shard_dir, teacher, teacher_identity(teacher), log, force=force)
+        tags["teacher_views"] = str(cfg.distill.teacher_views)
+    run_id = tracker.stage_run(stage, {**tags, "role": stage_role(cfg, stage)}, reuse_id=previous, cfg=cfg)
     if run_id:
         storage.write_text(id_file, run_id)
 

@@ -190,8 +190,9 @@ class Tracker:
             self.log_params(self.parent_id, flatten(to_dict(self.cfg)))
         return self
 
-    def stage_run(self, stage: str, tags: dict[str, str], reuse_id: str | None = None) -> str | None:
-        """A nested run for ``stage`` (or ``reuse_id`` when resuming one that still exists)."""
+    def stage_run(self, stage: str, tags: dict[str, str], reuse_id: str | None = None, cfg: PipelineConfig | None = None) -> str | None:
+        """A nested run for ``stage`` (or ``reuse_id`` when resuming one that still exists), named by its
+        ``role`` tag, with the parameters of ``cfg`` (default: the invocation's) that shape this stage."""
         if self.experiment_id is None:
             return None
 
@@ -208,11 +209,14 @@ class Tracker:
             all_tags = {"stage": stage, "git_commit": git_commit(), **tags}
             if self.parent_id:
                 all_tags["mlflow.parentRunId"] = self.parent_id
-            return client.create_run(self.experiment_id, run_name=stage, tags=all_tags).info.run_id
+            return client.create_run(self.experiment_id, run_name=tags.get("role", stage), tags=all_tags).info.run_id
 
         ok, run_id = _attempt(create, f"create the {stage} run", self.fail_fast)
         if ok and run_id != reuse_id:
-            self.log_params(run_id, flatten(to_dict(self.cfg)))
+            tree = to_dict(cfg or self.cfg)
+            # The other training section would only add noise to a comparison (a teacher has no distill.type).
+            dropped = {"teacher": ("distill", "tune"), "distill": ("teacher", "tune")}.get(stage, ())
+            self.log_params(run_id, flatten({k: v for k, v in tree.items() if k not in dropped}))
         return run_id if ok else None
 
     def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:

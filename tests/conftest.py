@@ -49,6 +49,9 @@ def ray_cluster():
            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
            f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
            f"--metrics-export-port={free_port()}", "--disable-usage-stats"]
+    # `ray start` refuses to run without a token; `ray.init()` would make one, so on a fresh machine the
+    # outcome depended on which test ran first. Make it (only if missing) before starting.
+    subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, timeout=60)
     try:
         started = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         if started.returncode != 0:

@@ -34,8 +34,11 @@ def _instrument(task):
     """Capture the tensors that really reach the student and the teacher."""
     seen = {}
     task.model.register_forward_pre_hook(lambda m, args: seen.__setitem__("student", args[0].detach().clone()))
-    task.teacher.register_forward_pre_hook(lambda m, args: seen.__setitem__("teacher", args[0].detach().clone()))
+    task.teacher.model.register_forward_pre_hook(lambda m, args: seen.__setitem__("teacher", args[0].detach().clone()))
     return seen
+
+
+LABELS = torch.zeros(8, dtype=torch.long)
 
 
 def _images(n=8):
@@ -47,10 +50,10 @@ def test_teacher_and_student_receive_the_identical_tensor(teaching, teacher_dir)
     task = _task(teaching, teacher_dir)
     seen = _instrument(task)
     task.record = []
-    out = task.train_step_from(task.model, _images(), torch.arange(8), torch.Generator().manual_seed(0), False)
+    out = task.train_step_from(task.model, _images(), LABELS, torch.arange(8), torch.Generator().manual_seed(0), False)
     assert torch.isfinite(out["loss"])
     # the teacher's input, mapped back from its normalisation to the student's, is the student's input
-    back = augment.renormalize(seen["teacher"], task.teacher_mean, task.teacher_std, task.mean, task.std)
+    back = augment.renormalize(seen["teacher"], task.teacher.mean, task.teacher.std, task.mean, task.std)
     assert torch.allclose(back, seen["student"], atol=1e-5)
     rec = task.record[0]
     if teaching == "function_matching":
@@ -69,8 +72,8 @@ def test_independent_noise_gives_different_crops_of_the_same_images(teacher_dir)
     seen = _instrument(task)
     task.record = []
     images = _images()
-    task.train_step_from(task.model, images, torch.arange(8), torch.Generator().manual_seed(0), False)
-    back = augment.renormalize(seen["teacher"], task.teacher_mean, task.teacher_std, task.mean, task.std)
+    task.train_step_from(task.model, images, LABELS, torch.arange(8), torch.Generator().manual_seed(0), False)
+    back = augment.renormalize(seen["teacher"], task.teacher.mean, task.teacher.std, task.mean, task.std)
     assert not torch.allclose(back, seen["student"], atol=1e-3)
     rec = task.record[0]
     base = augment.to_float(images, task.mean, task.std)
@@ -88,7 +91,7 @@ def test_fixed_teacher_uses_cached_logits_and_never_runs_the_teacher(teacher_dir
     task = _task("fixed_teacher", teacher_dir, str(tmp_path / "cache.pt"))
     task.bind_train_part(list(reversed(paths)), torch.device("cpu"))  # this worker's rows, in its own order
     seen = _instrument(task)
-    out = task.train_step_from(task.model, _images(), torch.tensor([0, 5]), torch.Generator().manual_seed(0), False)
+    out = task.train_step_from(task.model, _images(), LABELS, torch.tensor([0, 5]), torch.Generator().manual_seed(0), False)
     assert "teacher" not in seen
     assert torch.equal(out["target"], logits[[7, 2]].argmax(-1))
 

@@ -39,9 +39,9 @@ def _cfg(tmp_path, *overrides):
     return load_config(None, [f"output_dir={tmp_path}", *overrides])
 
 
-def test_hard_distillation_needs_a_distillation_token(tmp_path):
-    with pytest.raises(ConfigError, match="needs a student with a distillation token"):
-        validate_stage(_cfg(tmp_path, "distill.type=hard", "distill.student=resnet18"), "distill")
+def test_replayed_views_are_refused_for_function_matching(tmp_path):
+    with pytest.raises(ConfigError, match="needs the online teacher"):
+        validate_stage(_cfg(tmp_path, "distill.method=funmatch", "distill.teacher_views=4"), "distill")
 
 
 def test_unknown_model_names_suggest_close_ones(tmp_path):

@@ -171,3 +171,57 @@ def mixup_rolled(x: torch.Tensor, lam: torch.Tensor | float, reverse: bool = Fal
     as big_vision) or, with ``reverse``, image n-1-i (the Keras example)."""
     partner = x.flip(0) if reverse else torch.roll(x, shifts=1, dims=0)
     return lam * x + (1 - lam) * partner
+
+
+def sample_views(
+    n: int,
+    height: int,
+    width: int,
+    kind: str,
+    crop: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    generator: torch.Generator | None = None,
+    device=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One view per image as (boxes (x1, y1, x2, y2) in stored pixels, mirrored flags).
+
+    ``kind`` is ``train.augment``: ``crop_flip`` draws a ``crop``-sized window at a random offset,
+    ``inception`` a random-resized box, ``none`` the whole image (not mirrored). A view can be
+    rendered at any size (:func:`render_views`), so a teacher can see the student's box larger.
+    """
+    if kind == "inception":
+        boxes = sample_crop_boxes(n, height, width, scale, generator=generator, device=device)
+    elif kind == "crop_flip":
+        if crop > height or crop > width:
+            raise ValueError(f"crop {crop} is larger than the stored images ({height}x{width})")
+        oy = torch.randint(0, height - crop + 1, (n,), generator=generator, device=device).float()
+        ox = torch.randint(0, width - crop + 1, (n,), generator=generator, device=device).float()
+        boxes = torch.stack([ox, oy, ox + crop, oy + crop], dim=1)
+    else:
+        boxes = torch.tensor([[0.0, 0.0, float(width), float(height)]], device=device).expand(n, 4).clone()
+        return boxes, torch.zeros(n, dtype=torch.bool, device=device)
+    return boxes, torch.rand(n, generator=generator, device=device) < 0.5
+
+
+def view_mode(kind: str, crop: int, size: int) -> str:
+    """How views of augmentation ``kind`` drawn for ``crop`` are rendered at ``size``: ``window``
+    (integer crops at their own size), ``full`` (whole images, resized) or ``box`` (crop + resize).
+    Decided from the settings, not the boxes, so that no step waits on the device to find out."""
+    if kind == "crop_flip" and size == crop:
+        return "window"
+    return "full" if kind == "none" else "box"
+
+
+def render_views(images: torch.Tensor, idx: torch.Tensor, boxes: torch.Tensor, mirrored: torch.Tensor, size: int, mean, std,
+                 mode: str = "box", channels_last: bool = False) -> torch.Tensor:
+    """Rows ``idx`` of stored uint8 NHWC ``images``, box i cut out of image i, resized to ``size``,
+    mirrored where flagged: the normalised float NCHW batch a model sees for those views.
+    ``mode``: see :func:`view_mode`."""
+    if mode == "window":
+        # Windows already at the output size: an integer crop of the uint8 images, no resampling.
+        oy, ox = boxes[:, 1].long(), boxes[:, 0].long()
+        crop = _crop_per_image if images.device.type == "cpu" else _crop_gather
+        return to_float(crop(images, idx.to(images.device), oy, ox, mirrored, size), mean, std, channels_last)
+    x = to_float(images[idx], mean, std, channels_last)
+    out = resize(x, size) if mode == "full" else crop_resize_boxes(x, boxes, size)
+    return torch.where(mirrored[:, None, None, None], out.flip(-1), out)

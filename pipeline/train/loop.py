@@ -19,9 +19,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import checkpoints
-from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.config import PipelineConfig, TrainConfig, stage_train
 from pipeline.data import augment
 from pipeline.data.loading import load_split, read_manifest
+from pipeline.models import prefers_channels_last
 from pipeline.train.steps import build_task, effective_lr, unwrap
 
 
@@ -118,22 +119,21 @@ def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, w
 def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, teacher_source: str | None = None,
              teacher_cache: str | None = None) -> None:
     """Train ``stage`` on this worker's part of the data; report every epoch, checkpoint every k."""
-    tcfg = cfg.train
+    tcfg = stage_train(cfg, stage)
     device, rank, world = ctx.device, ctx.rank, ctx.world
     manifest = read_manifest(shard_dir)
     crop = tcfg.crop_size or manifest["image_size"]
     torch.manual_seed(_seed_for(tcfg.seed, -1, 0))  # same initial weights on every rank
     task = build_task(stage, cfg, manifest, device, teacher_source, teacher_cache)
     ocfg = task.opt_cfg
-    channels_last = tcfg.channels_last == "on" or (tcfg.channels_last == "auto" and device.type == "cuda")
     model = task.model.to(device)
+    channels_last = tcfg.channels_last == "on" or (tcfg.channels_last == "auto" and prefers_channels_last(model, device))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     train = load_split(shard_dir, "train", rank, world, device)
     val = load_split(shard_dir, "val", rank, world, device)
-    if hasattr(task, "bind_train_part"):
-        task.bind_train_part(train.paths, device)
+    task.bind_train_part(train.paths, device)
     n_train = manifest["split_sizes"]["train"]
     per_worker = max(1, ocfg.batch_size // world)
     per_worker = min(per_worker, max(1, n_train // world))
@@ -183,6 +183,7 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
         torch.manual_seed(_seed_for(tcfg.seed, epoch, rank) + 1)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
         parts: dict[str, torch.Tensor] = {}
+        task.start_epoch(epoch)
         if not rerun_last:
             task.set_train_mode(model)
             order = torch.randperm(len(train), generator=gen, device=device)
@@ -190,8 +191,8 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
                 idx = order[(step * per_worker) % max(len(train), 1) :][:per_worker]
                 y = train.labels[idx]
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    if hasattr(task, "train_step_from"):  # the task builds its own inputs (function matching)
-                        out = task.train_step_from(model, train.images, idx, gen, channels_last)
+                    if task.builds_inputs:  # function matching, replayed teacher views
+                        out = task.train_step_from(model, train.images, train.labels, idx, gen, channels_last)
                     else:
                         x = batch_for_training(train.images, idx, tcfg, crop, task.mean, task.std, gen, channels_last)
                         out = task.train_step(model, x, y)

@@ -1,5 +1,5 @@
-"""What differs between training stages: the model, the trainable parameters, the step and the
-evaluation outputs. Each step returns a dict of named tensors; logging happens outside."""
+"""What differs between training stages: the model, the trainable parameters, the inputs, the step
+and the evaluation outputs. Each step returns a dict of named tensors; logging happens outside."""
 
 from __future__ import annotations
 
@@ -11,47 +11,116 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import checkpoints, losses, storage
-from pipeline.config import OptimConfig, PipelineConfig
+from pipeline.config import OptimConfig, PipelineConfig, stage_train
 from pipeline.data import augment
-from pipeline.models import build_student, build_teacher, has_distillation_head
+from pipeline.models import build_student, build_teacher, has_distillation_head, prefers_channels_last
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-class TeacherTask:
-    """Fine-tune an ImageNet model: a new head on a frozen backbone, or everything."""
+class Task:
+    """The interface the loop drives. ``builds_inputs``: the task turns stored images into its own
+    inputs (``train_step_from``) instead of receiving an augmented batch (``train_step``)."""
+
+    name = "distill"
+    builds_inputs = False
+
+    def optimizer_target(self, model: nn.Module):
+        return unwrap(model)
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    def bind_train_part(self, paths: list[str], device: torch.device) -> None:
+        """Called once with this worker's training rows (paths in row order)."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before every epoch (0-based)."""
+
+
+class FrozenTeacher:
+    """A published teacher, frozen and in eval mode, fed from the student's normalisation."""
+
+    def __init__(self, source: str, device: torch.device, student_mean, student_std):
+        # Outside DDP and outside the student's checkpoints: frozen, eval mode, no grad.
+        self.model, self.meta = checkpoints.load_model(source, device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if prefers_channels_last(self.model, device):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean, self.std = self.meta["mean"], self.meta["std"]
+        self.student_mean, self.student_std = student_mean, student_std
+        self.input_size = int(self.meta["input_size"])
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher logits for a batch normalised the student's way."""
+        xt = augment.renormalize(x, self.student_mean, self.student_std, self.mean, self.std)
+        return self.model(xt).float()
+
+
+def _trainable_groups(model: nn.Module, keep: int) -> list[str]:
+    """Module names in the last ``keep`` block groups of a timm model (its coarse ``group_matcher``;
+    the last group is the classifier)."""
+    from timm.models import group_modules
+
+    groups = group_modules(model, model.group_matcher(coarse=True))
+    ordered = [groups[k] for k in sorted(groups)]
+    return [name for group in ordered[-keep:] for name in group]
+
+
+class TeacherTask(Task):
+    """Fine-tune an ImageNet model: a new head on a frozen backbone, the last block groups too
+    (``partial``), or everything (``full``)."""
 
     name = "teacher"
 
     def __init__(self, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device):
-        self.cfg, self.opt_cfg = cfg, cfg.teacher
-        self.model, self.meta = build_teacher(cfg.teacher.model, cfg.teacher.pretrained, manifest["num_classes"])
-        self.head_only = cfg.teacher.mode == "head"
-        if self.head_only:
+        t = cfg.teacher
+        self.cfg, self.opt_cfg = cfg, t
+        self.model, self.meta = build_teacher(t.model, t.pretrained, manifest["num_classes"])
+        self.mode = t.mode
+        self.frozen: list[nn.Module] = []
+        if t.mode != "full":
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for p in self.model.get_classifier().parameters():
-                p.requires_grad_(True)
+            trained = [self.model.get_classifier()]
+            if t.mode == "partial":
+                # +1: the classifier is the last group.
+                names = set(_trainable_groups(self.model, t.train_blocks + 1))
+                trained += [m for name, m in self.model.named_modules() if name in names]
+            for module in trained:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+            # Frozen layers keep their BatchNorm statistics (Keras' trainable=False); not timm's freeze(),
+            # which swaps in FrozenBatchNorm2d and so changes the state dict the loader rebuilds.
+            self.frozen = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                           and not any(p.requires_grad for p in m.parameters())]
         self.mean, self.std = self.meta["mean"], self.meta["std"]
 
     def optimizer_target(self, model: nn.Module):
-        """What ``create_optimizer_v2`` gets: the head alone, or the model with a lower backbone lr."""
-        if self.head_only:
-            return unwrap(model).get_classifier()
-        head = {id(p) for p in unwrap(model).get_classifier().parameters()}
-        backbone = [p for p in unwrap(model).parameters() if id(p) not in head]
-        scale = self.opt_cfg.backbone_lr_scale
+        """What ``create_optimizer_v2`` gets: the trainable parameters, the backbone's at a lower lr."""
+        m = unwrap(model)
+        head = {id(p) for p in m.get_classifier().parameters()}
+        trainable = [p for p in m.parameters() if p.requires_grad]
+        backbone = [p for p in trainable if id(p) not in head]
+        if not backbone:
+            return m.get_classifier()
         # timm's schedulers multiply each group's lr by its lr_scale.
         return [
-            {"params": backbone, "lr_scale": scale},
-            {"params": [p for p in unwrap(model).parameters() if id(p) in head], "lr_scale": 1.0},
+            {"params": backbone, "lr_scale": self.opt_cfg.backbone_lr_scale},
+            {"params": [p for p in trainable if id(p) in head], "lr_scale": 1.0},
         ]
 
     def set_train_mode(self, model: nn.Module) -> None:
-        # A frozen backbone keeps its BatchNorm statistics (eval mode), as Keras' trainable=False does.
-        model.eval() if self.head_only else model.train()
+        if self.mode == "head":
+            model.eval()  # a frozen backbone and its head exactly as at inference (Keras' trainable=False)
+            return
+        model.train()
+        for bn in self.frozen:
+            bn.eval()
 
     def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = model(x)
@@ -63,47 +132,95 @@ class TeacherTask:
         return {"logits": unwrap(model)(x)}
 
 
-class DeitTask:
-    """DeiT: a student with class and distillation heads; the frozen teacher sees the student's batch."""
+class TeacherViews:
+    """Recorded views (crop box and flip per image and view) with the teacher's logits on each,
+    written by :mod:`pipeline.label`; a worker keeps the rows of its own part."""
 
-    name = "distill"
+    def __init__(self, path: str):
+        store = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+        self.paths: list[str] = store["paths"]
+        self.boxes, self.flips, self.logits = store["boxes"], store["flips"], store["logits"]
+        self.num_views = int(self.boxes.shape[1])
+        self.part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def __init__(self, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str | None):
+    def bind(self, paths: list[str], device: torch.device) -> None:
+        row = {p: i for i, p in enumerate(self.paths)}
+        missing = [p for p in paths if p not in row]
+        if missing:
+            raise ValueError(f"the teacher views lack {len(missing)} training images (e.g. {missing[0]}); rebuild them with --force")
+        rows = torch.tensor([row[p] for p in paths], dtype=torch.long)
+        self.part = (self.boxes[rows].to(device), self.flips[rows].to(device), self.logits[rows].to(device))
+
+    def view(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        boxes, flips, logits = self.part
+        return boxes[idx, k], flips[idx, k], logits[idx, k].float()
+
+
+class DeitTask(Task):
+    """DeiT: a student with class and distillation heads learns from labels and the frozen teacher.
+
+    A student without a distillation token uses its one head for both terms (Hinton's KD). With a
+    teacher, the task draws each image's view (crop box + flip) itself, so that the teacher can see
+    the same box at its own input size; with ``teacher_views`` the views and the teacher's outputs
+    are replayed from the label step and no teacher is loaded.
+    """
+
+    def __init__(self, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str | None,
+                 views_path: str | None = None):
         d = cfg.distill
-        self.cfg, self.opt_cfg = cfg, d
-        crop = cfg.train.crop_size or manifest["image_size"]
-        self.model, self.meta = build_student(d.student, d.student_pretrained, manifest["num_classes"], crop, d.drop_path)
+        self.cfg, self.opt_cfg, self.tcfg = cfg, d, stage_train(cfg, "distill")
+        self.crop = self.tcfg.crop_size or manifest["image_size"]
+        self.model, self.meta = build_student(d.student, d.student_pretrained, manifest["num_classes"], self.crop, d.drop_path)
         self.distilled = has_distillation_head(self.model)
         if self.distilled:
             self.model.set_distilled_training(True)  # training forward returns (cls, dist)
         self.mean, self.std = self.meta["mean"], self.meta["std"]
-        self.teacher = None
-        if d.type != "none":
-            # Outside DDP and outside the student's checkpoints: frozen, eval mode, no grad.
-            self.teacher, tmeta = checkpoints.load_model(teacher_source, device)
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
-            self.teacher_mean, self.teacher_std = tmeta["mean"], tmeta["std"]
+        self.teacher: FrozenTeacher | None = None
+        self.views: TeacherViews | None = None
+        if d.type != "none" and d.teacher_views:
+            if views_path is None:
+                raise ValueError("distill.teacher_views > 0 needs the label step's views")
+            self.views = TeacherViews(views_path)
+        elif d.type != "none":
+            self.teacher = FrozenTeacher(teacher_source, device, self.mean, self.std)
+        self.builds_inputs = d.type != "none"
+        self.teacher_size = d.teacher_input_size or (self.teacher.input_size if self.teacher else self.crop)
+        self.epoch = 0
 
-    def optimizer_target(self, model: nn.Module):
-        return unwrap(model)
+    def bind_train_part(self, paths: list[str], device: torch.device) -> None:
+        if self.views is not None:
+            self.views.bind(paths, device)
 
-    def set_train_mode(self, model: nn.Module) -> None:
-        model.train()
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        xt = augment.renormalize(x, self.mean, self.std, self.teacher_mean, self.teacher_std)
-        with torch.no_grad():
-            return self.teacher(xt).float()
-
-    def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> dict[str, torch.Tensor]:
         d = self.opt_cfg
         out = model(x)
         cls, dist = out if isinstance(out, tuple) else (out, out)
-        t = self.teacher_logits(x) if self.teacher is not None else None
         parts = losses.deit_loss(cls, dist, y, t, d.type, d.alpha, d.temperature, d.label_smoothing)
         parts["logits"] = ((cls + dist) / 2).detach()
         return parts
+
+    def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._loss(model, x, y, None)
+
+    def train_step_from(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, gen,
+                        channels_last: bool) -> dict[str, torch.Tensor]:
+        if self.views is not None:
+            boxes, flips, t = self.views.view(idx, self.epoch % self.views.num_views)
+        else:
+            boxes, flips = augment.sample_views(len(idx), images.shape[1], images.shape[2], self.tcfg.augment, self.crop,
+                                                tuple(self.tcfg.inception_scale), gen, images.device)
+        kind = self.tcfg.augment
+        x = augment.render_views(images, idx, boxes, flips, self.crop, self.mean, self.std,
+                                 augment.view_mode(kind, self.crop, self.crop), channels_last)
+        if self.views is None:
+            xt = x if self.teacher_size == self.crop else augment.render_views(
+                images, idx, boxes, flips, self.teacher_size, self.mean, self.std,
+                augment.view_mode(kind, self.crop, self.teacher_size), channels_last)
+            t = self.teacher.logits(xt)
+        return self._loss(model, x, labels[idx], t)
 
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -117,11 +234,12 @@ class DeitTask:
         else:
             out["logits"] = m(x)
         if self.teacher is not None:
-            out["teacher"] = self.teacher_logits(x)
+            xt = x if self.teacher_size == self.crop else augment.resize(x, self.teacher_size)
+            out["teacher"] = self.teacher.logits(xt)
         return out
 
 
-class FunMatchTask:
+class FunMatchTask(Task):
     """Function matching (Beyer et al. 2022): no labels, KL to the teacher at temperature T, on
     inputs chosen by ``distill.teaching``:
 
@@ -133,19 +251,17 @@ class FunMatchTask:
       sees random crops.
     """
 
-    name = "distill"
+    builds_inputs = True
 
     def __init__(self, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str,
                  teacher_cache: str | None = None):
         d = cfg.distill
         self.cfg, self.opt_cfg, self.teaching = cfg, d, d.teaching
-        self.crop = cfg.train.crop_size or manifest["image_size"]
+        self.tcfg = stage_train(cfg, "distill")
+        self.crop = self.tcfg.crop_size or manifest["image_size"]
         self.model, self.meta = build_student(d.student, d.student_pretrained, manifest["num_classes"], self.crop, d.drop_path)
         self.mean, self.std = self.meta["mean"], self.meta["std"]
-        self.teacher, tmeta = checkpoints.load_model(teacher_source, device)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher_mean, self.teacher_std = tmeta["mean"], tmeta["std"]
+        self.teacher = FrozenTeacher(teacher_source, device, self.mean, self.std)
         self.cached: dict[str, torch.Tensor] | None = None
         if self.teaching == "fixed_teacher":
             if teacher_cache is None:
@@ -164,24 +280,13 @@ class FunMatchTask:
                 raise ValueError(f"teacher cache lacks {len(missing)} training images (e.g. {missing[0]}); rebuild it")
             self.part_logits = self.cached["logits"][[row[p] for p in paths]].to(device)
 
-    def optimizer_target(self, model: nn.Module):
-        return unwrap(model)
-
-    def set_train_mode(self, model: nn.Module) -> None:
-        model.train()
-
     def kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         d = self.opt_cfg
         return losses.soft_kl(student_logits, teacher_logits, d.temperature, d.kl_t2_scale)
 
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        xt = augment.renormalize(x, self.mean, self.std, self.teacher_mean, self.teacher_std)
-        with torch.no_grad():
-            return self.teacher(xt).float()
-
     def train_inputs(self, images: torch.Tensor, idx: torch.Tensor, gen: torch.Generator | None, channels_last: bool = False):
         """(student input, teacher input or None, cached teacher logits or None) for rows ``idx``."""
-        d, scale = self.opt_cfg, tuple(self.cfg.train.inception_scale)
+        d, scale = self.opt_cfg, tuple(self.tcfg.inception_scale)
         base = augment.to_float(images[idx], self.mean, self.std, channels_last)
         boxes = augment.sample_crop_boxes(len(idx), base.shape[-2], base.shape[-1], scale, generator=gen, device=base.device)
         x = augment.random_flip(augment.crop_resize_boxes(base, boxes, self.crop), gen)
@@ -202,9 +307,10 @@ class FunMatchTask:
             self.record.append({**record, "student_input": x, "teacher_input": x_teacher})
         return x, x_teacher, cached
 
-    def train_step_from(self, model: nn.Module, images: torch.Tensor, idx: torch.Tensor, gen, channels_last: bool) -> dict[str, torch.Tensor]:
+    def train_step_from(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, gen,
+                        channels_last: bool) -> dict[str, torch.Tensor]:
         x, x_teacher, cached = self.train_inputs(images, idx, gen, channels_last)
-        t = cached if cached is not None else self.teacher_logits(x_teacher)
+        t = cached if cached is not None else self.teacher.logits(x_teacher)
         s = model(x)
         loss = self.kl(s, t)
         # Labels play no part; "accuracy" on training batches is agreement with the teacher.
@@ -212,17 +318,19 @@ class FunMatchTask:
 
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": unwrap(model)(x), "teacher": self.teacher_logits(x)}
+        return {"logits": unwrap(model)(x), "teacher": self.teacher.logits(x)}
 
 
 def build_task(stage: str, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str | None = None,
-               teacher_cache: str | None = None):
+               teacher_cache: str | None = None) -> Task:
+    """The task for ``stage``; ``teacher_cache`` is the fixed-teacher logits (function matching) or
+    the label step's views (DeiT with ``teacher_views``)."""
     if stage == "teacher":
         return TeacherTask(cfg, manifest, device)
     if stage == "distill" and cfg.distill.method == "funmatch":
         return FunMatchTask(cfg, manifest, device, teacher_source, teacher_cache)
     if stage == "distill":
-        return DeitTask(cfg, manifest, device, teacher_source)
+        return DeitTask(cfg, manifest, device, teacher_source, teacher_cache)
     raise ValueError(f"unknown training stage {stage!r}")
 
 

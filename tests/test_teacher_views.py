@@ -49,9 +49,6 @@ def test_render_views_integer_windows_are_exact_crops():
     assert torch.all(boxes[:, 2] - boxes[:, 0] == 12)
     assert augment.view_mode("crop_flip", 12, 12) == "window"
     x = augment.render_views(images, torch.arange(4), boxes, flips, 12, [0.0] * 3, [1.0] * 3, "window")
-    # the same windows through the general path (crop + resize to their own size) agree
-    y = augment.render_views(images, torch.arange(4), boxes, flips, 12, [0.0] * 3, [1.0] * 3, "box")
-    assert torch.allclose(x, y, atol=2e-2)
     for i in range(4):
         x1, y1 = int(boxes[i, 0]), int(boxes[i, 1])
         window = images[i, y1 : y1 + 12, x1 : x1 + 12].permute(2, 0, 1).float() / 255

@@ -26,10 +26,6 @@ def has_distillation_head(model: nn.Module) -> bool:
     return hasattr(model, "head_dist") and hasattr(model, "set_distilled_training")
 
 
-def is_distilled_arch(name: str) -> bool:
-    return "distilled" in name
-
-
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the keyword arguments it was really built with."""
     try:

@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="top classes for single images (JSON)")
     pr.add_argument("--model", required=True, help="checkpoint directory or models:/NAME/VERSION")
     pr.add_argument("--top-k", type=int, default=3)
+    for p in (ev, pr):
+        p.add_argument("--tracking-uri", default=None,
+                       help="MLflow store of a models:/ or runs:/ model (default: $MLFLOW_TRACKING_URI, else ./mlflow.db, as the pipeline logs)")
     pr.add_argument("images", nargs="+")
     ms = sub.add_parser("mlflow-server", help="an MLflow tracking server for the runs (loopback only unless --host)")
     ms.add_argument("--store", default="mlflow-server", help="directory for its SQLite store and artifacts")
@@ -183,16 +186,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_command(args: argparse.Namespace) -> int:
+    """``evaluate`` / ``predict``: JSON on stdout; a bad model or input is one line on stderr, exit 2."""
     from pipeline.checkpoints import CheckpointError
     from pipeline.data.sources import DataError
     from pipeline.evaluate import evaluate_folder, predict_files
+    from pipeline.model_store import ModelStoreError
 
+    if args.model.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        from pipeline.config import absolute_tracking_uri, base_dir
+
+        mlflow.set_tracking_uri(absolute_tracking_uri(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+                                or f"sqlite:///{os.path.join(base_dir(), 'mlflow.db')}")
     try:
         out = evaluate_folder(args.model, args.data) if args.stage == "evaluate" else predict_files(args.model, args.images, args.top_k)
-    except (CheckpointError, DataError) as exc:
+    except (CheckpointError, DataError, ModelStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_json(out)
+    if args.stage == "predict":
+        failed = [r for r in out if "error" in r]
+        for r in failed:
+            print(f"error: {r['path']}: {r['error']}", file=sys.stderr)
+        return 2 if failed else 0
     return 0
 
 
@@ -250,9 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
-        from pipeline.report import ReportError  # imported here: it pulls in torch
+        from pipeline.report import ReportError  # imported here: they pull in torch
+        from pipeline.train.loop import TrainingDiverged
 
-        if not isinstance(exc, ReportError):
+        if not isinstance(exc, (ReportError, TrainingDiverged)):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,8 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # strict: "5" is not an int and true is not a number; extra=forbid: typos are errors.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    # allow_inf_nan: `.inf` / `.nan` are valid YAML floats and would train to NaN weights that publish.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod
@@ -90,7 +92,7 @@ class TrackingConfig(_Section):
     experiment: str = Field("flower-distill", min_length=1)
     fail_fast: bool = Field(False, description="stop when MLflow is unreachable instead of warning and buffering")
     register_models: bool = True
-    log_models: bool = Field(True, description="log each stage's model to MLflow (mlflow.pytorch.log_model)")
+    log_models: bool = Field(True, description="log each stage's model to MLflow (pickle-free: state dict + meta, see pipeline.model_store)")
 
 
 class TrainConfig(_Section):
@@ -265,6 +267,64 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         node = child
     node[keys[-1]] = value
 
+MAX_YAML_NODES = 20_000  # a config has a few hundred; alias chains ("billion laughs") expand far beyond
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter where configs need it: a key given twice is an error (naming
+    the key and both lines), aliases may not expand beyond ``MAX_YAML_NODES`` nodes, and ``1e-3``
+    is a float (YAML 1.2; PyYAML's 1.1 rules read it as a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise ConfigError(f"key {str(key)[:60]!r} is given twice (lines {seen[key]} and {line}); keep one")
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _expanded_size(node, memo: dict[int, int]) -> int:
+    """Nodes in the tree once every alias is expanded (shared nodes counted each time they appear)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_YAML_NODES + 1  # a cycle counts as unbounded
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, 10 * MAX_YAML_NODES)
+    return memo[id(node)]
+
+
+def safe_yaml(text: str, what: str) -> Any:
+    """Parse config YAML with :class:`_ConfigLoader` and the alias bound; ``what`` names the source."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{what}: its aliases expand to more than {MAX_YAML_NODES} values; write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
 
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``a.b=value``; the value is read as YAML (``64`` int, ``0.1`` float, ``null``, ``[1,2]``)."""
@@ -273,7 +333,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' is not of the form dotted.key=value (e.g. data.image_size=64)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw, f"override {key!r}") if raw.strip() else ""
+    except ConfigError:
+        raise
     except Exception:  # PyYAML raises more than YAMLError: ValueError (2020-13-45), IndexError ("!!int "), RecursionError
         value = raw
     return key, value
@@ -294,6 +356,17 @@ def redact(text: str) -> str:
     return re.sub(r"://[^/@\s'\"]+@", "://***@", text)
 
 
+def _brief_repr() -> reprlib.Repr:
+    """A bounded ``repr``: an error message must never render an unbounded input."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 2, 4, 4, 4, 4
+    r.maxstring, r.maxother, r.maxlong = 80, 80, 40
+    return r
+
+
+_BRIEF = _brief_repr()
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
@@ -308,7 +381,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg += f"; allowed keys here: {', '.join(allowed)}"
         else:
             text = e["msg"].removeprefix("Value error, ")
-            msg = f"  {key}: {text}" + (f"; got {redact(repr(e.get('input')))}" if loc else "")
+            msg = f"  {key}: {text}" + (f"; got {redact(_BRIEF.repr(e.get('input')))}" if loc else "")
             ctx = e.get("ctx") or {}
             if "expected" in ctx and str(ctx["expected"]) not in text:
                 msg += f" (allowed: {ctx['expected']})"
@@ -325,7 +398,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path} (presets live in configs/)")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            loaded = safe_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}" if not str(exc).startswith("config file") else str(exc)) from None
         except Exception as exc:  # YAMLError, and ValueError/IndexError/RecursionError from PyYAML, UnicodeDecodeError
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if loaded is None:  # an empty file: the defaults

@@ -245,6 +245,13 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
 
         tracker.end(run_id, end_status(exc))
         raise
+    from pipeline.train.loop import check_diverged
+
+    try:
+        check_diverged(stage, result.metrics, "teacher" if stage == "teacher" else "distill")
+    except ValueError:
+        tracker.end(run_id, "FAILED")
+        raise
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
     best_dir = storage.join(stage_dir, "best")
     # A result.json left by an earlier run must not vouch for the model being replaced now.

@@ -246,34 +246,21 @@ class Tracker:
             _attempt(lambda: self._client().set_terminated(run_id, status), "end a run", self.fail_fast)
 
     def log_model(self, run_id: str | None, model, meta: dict[str, Any], example, registered_name: str | None) -> str | None:
-        """``mlflow.pytorch.log_model`` with signature, input example and our metadata; returns the model URI."""
+        """Log the model to the run in the pickle-free format of :mod:`pipeline.model_store` (state
+        dict + meta + signature), registered as ``registered_name``; returns the model URI."""
         if not run_id:
             return None
         import mlflow
-        import mlflow.pytorch
-        import numpy as np
         import torch
-        from mlflow.models import infer_signature
+
+        from pipeline import model_store
 
         def send():
             mlflow.set_tracking_uri(self.uri)
-            with torch.no_grad():
-                out = model(example).float().numpy()
-            signature = infer_signature(example.numpy(), out)
             with mlflow.start_run(run_id=run_id):
-                info = mlflow.pytorch.log_model(
-                    model,
-                    name="model",
-                    signature=signature,
-                    input_example=np.asarray(example.numpy()),
-                    metadata=meta,
-                    registered_model_name=registered_name if self.cfg.tracking.register_models else None,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"],
-                    # pickle, not MLflow 3's default pt2 (torch.export): an exported program has a
-                    # fixed batch size and no eval(); checkpoint directories stay the pickle-free path.
-                    serialization_format="pickle",
-                )
-            return info.model_uri
+                return model_store.log_model(
+                    model, meta, example, registered_name if self.cfg.tracking.register_models else None,
+                    requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"])
 
         ok, uri = _attempt(send, "log the model", self.fail_fast, tries=2)
         return uri if ok else None

@@ -181,7 +181,8 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
         gen = torch.Generator(device=device)
         gen.manual_seed(_seed_for(tcfg.seed, epoch, rank))
         torch.manual_seed(_seed_for(tcfg.seed, epoch, rank) + 1)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, non-finite steps
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step here (no sync per step)
         parts: dict[str, torch.Tensor] = {}
         task.start_epoch(epoch)
         if not rerun_last:
@@ -207,8 +208,10 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
                 scheduler.step_update(num_updates=global_step)
                 b = float(len(y))
                 target = out.get("target", y)
+                finite = torch.isfinite(out["loss"].detach())
+                first_bad = torch.where(finite | (first_bad >= 0), first_bad, torch.full_like(first_bad, step))
                 sums += torch.stack([out["loss"].detach().double() * b, (out["logits"].argmax(-1) == target).sum().double(),
-                                     torch.tensor(b, dtype=torch.float64, device=device)])
+                                     torch.tensor(b, dtype=torch.float64, device=device), (~finite).double()])
                 for k, v in out.items():
                     if k.startswith("loss_"):
                         parts[k] = parts.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.double() * b
@@ -218,7 +221,14 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
         n = max(packed[2].item(), 1.0)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": packed[0].item() / n, "train_acc": packed[1].item() / n,
                                    "lr": optimizer.param_groups[-1]["lr"], "images_per_s": packed[2].item() / max(train_time, 1e-9)}
-        metrics.update({f"train_{k}": packed[3 + i].item() / n for i, k in enumerate(keys)})
+        metrics.update({f"train_{k}": packed[4 + i].item() / n for i, k in enumerate(keys)})
+        if packed[3].item() > 0:
+            # Every rank sees the summed count, so all stop together; nothing of this epoch is logged,
+            # checkpointed or published, and the driver turns the report into a clear error.
+            bad_step = int(first_bad.item())
+            ctx.report({"epoch": epoch + 1, "diverged": 1.0, "nonfinite_steps": packed[3].item(),
+                        "first_nonfinite_step": float(bad_step + 1 if bad_step >= 0 else -1)}, None)
+            return
         last_epoch = epoch + 1 == ocfg.epochs
         do_ckpt = last_epoch or (epoch + 1) % tcfg.checkpoint_every == 0
         if last_epoch or do_ckpt or (epoch + 1) % tcfg.eval_every == 0 or not last_val:
@@ -259,6 +269,20 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
             # Optional pause so Ray's controller can collect the report first (a deterministic test).
             time.sleep(float(ctx.fault.get("delay_s", 0)))
             os._exit(1)
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: the stage stops without publishing anything."""
+
+
+def check_diverged(stage: str, metrics: dict[str, Any] | None, opt_key: str) -> None:
+    """Raise :class:`TrainingDiverged` when the workers' last report says the loss went non-finite."""
+    if metrics and metrics.get("diverged"):
+        step = int(metrics.get("first_nonfinite_step", -1))
+        where = f"epoch {int(metrics['epoch'])}" + (f", step {step} of rank 0" if step > 0 else "")
+        raise TrainingDiverged(
+            f"{stage}: the loss became NaN or infinite in {where} ({int(metrics.get('nonfinite_steps', 0))} step(s) across workers); "
+            f"nothing was published or registered. Lower {opt_key}.lr, set {opt_key}.grad_clip, or use train.amp=off")
 
 
 def train_worker(config: dict[str, Any]) -> None:

@@ -83,6 +83,8 @@ class RayConfig(_Section):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    capacity_wait_s: float = Field(0.0, ge=0, le=86400, description="how long a run waits for an autoscaling cluster to "
+                                   "grow to fit its workers; 0: fail at once when they cannot be placed")
     shared_storage: bool | None = Field(None, description="is output_dir visible from every node? None: detect "
                                         "(object-store URIs and network filesystems are shared, local disks are not)")
 

@@ -119,3 +119,52 @@ def check_shared_storage(output_dir: str, ray_cfg: RayConfig, nodes: int | None 
             "URI (output_dir=s3://bucket/prefix) or a path on NFS/EFS mounted at the same place on every node "
             "(cluster.yaml mounts EFS at /mnt/shared); if this path is "
             "shared in a way we cannot detect, set ray.shared_storage=true.")
+
+
+def placeable_workers(nodes: list[dict[str, float]], cpus: float, gpus: float) -> int:
+    """How many workers needing ``cpus`` CPUs and ``gpus`` GPUs each the nodes could hold at once
+    (a worker lives on one node, so a node's leftovers do not add up across nodes)."""
+    total = 0
+    for res in nodes:
+        fit = int(res.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else 10**9
+        if gpus > 0:
+            fit = min(fit, int(res.get("GPU", 0.0) / gpus + 1e-9))
+        total += fit
+    return total
+
+
+def check_capacity(ray_cfg: RayConfig, reserved_cpu: float = 0.0, nodes: list[dict[str, float]] | None = None) -> None:
+    """Fail in seconds when the cluster can never place the training workers, instead of letting
+    Ray Train wait forever for a placement group. ``reserved_cpu``: CPUs a caller holds on the
+    same cluster while the workers run (a sweep trial's own reservation). An autoscaling cluster
+    may grow: with ``ray.capacity_wait_s`` > 0 the check waits that long, saying so, before failing."""
+    import time
+
+    import ray
+
+    gpus = 1.0 if ray_cfg.use_gpu else 0.0
+    deadline = time.monotonic() + ray_cfg.capacity_wait_s
+    said = False
+    while True:
+        alive = nodes if nodes is not None else [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if reserved_cpu:  # conservatively taken from the largest node
+            alive = sorted(({**n} for n in alive), key=lambda n: -n.get("CPU", 0.0))
+            if alive:
+                alive[0]["CPU"] = max(0.0, alive[0].get("CPU", 0.0) - reserved_cpu)
+        fits = placeable_workers(alive, ray_cfg.cpus_per_worker, gpus)
+        if fits >= ray_cfg.num_workers:
+            return
+        if nodes is not None or time.monotonic() >= deadline:
+            break
+        if not said:
+            print(f"waiting up to {ray_cfg.capacity_wait_s:.0f} s for the cluster to grow: {ray_cfg.num_workers} worker(s) "
+                  f"asked, room for {fits} now (ray.capacity_wait_s)", flush=True)
+            said = True
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+    have = ", ".join(f"{n.get('CPU', 0):g} CPU" + (f" + {n.get('GPU', 0):g} GPU" if gpus else "") for n in alive) or "no nodes"
+    want = f"{ray_cfg.num_workers} worker(s) x {ray_cfg.cpus_per_worker:g} CPU" + (" + 1 GPU" if gpus else "")
+    raise ConfigError(
+        f"the Ray cluster cannot place the training workers: asked {want}"
+        + (f" beside {reserved_cpu:g} CPU already reserved" if reserved_cpu else "")
+        + f"; it has {have} (room for {fits}). Lower ray.num_workers or ray.cpus_per_worker"
+        + (", or set ray.capacity_wait_s for a cluster that autoscales" if not ray_cfg.capacity_wait_s else ""))

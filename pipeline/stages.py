@@ -161,7 +161,7 @@ def finished_stage(cfg: PipelineConfig, stage: str, ray_run: str, tracking_uri: 
 
 def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force: bool = False, log=print,
                        shard_dir: str | None = None, extra_tags: dict[str, str] | None = None, callbacks=None,
-                       reuse: bool = True) -> dict[str, Any]:
+                       reuse: bool = True, reserved_cpu: float = 0.0) -> dict[str, Any]:
     """Fit ``stage`` with a TorchTrainer (resuming a run of the same config), publish its best
     checkpoint under ``<output_dir>/<stage>/best`` and log it to MLflow.
 
@@ -200,6 +200,10 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         tags["distill_type"] = cfg.distill.type
     if stage == "distill" and cfg.distill.method == "funmatch":
         tags["teaching"] = cfg.distill.teaching
+    init_ray(cfg.ray, cfg.output_dir)
+    from pipeline.preflight import check_capacity
+
+    check_capacity(cfg.ray)  # a request the cluster can never place fails now, before labelling, an MLflow run or an endless wait
     cache = None
     if stage == "distill" and cfg.distill.method == "funmatch" and cfg.distill.teaching == "fixed_teacher":
         cache = teacher_cache(cfg, shard_dir, teacher, log)
@@ -212,7 +216,6 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     if run_id:
         storage.write_text(id_file, run_id)
 
-    init_ray(cfg.ray, cfg.output_dir)
     opt = cfg.teacher if stage == "teacher" else cfg.distill
     # Ray Train writes its checkpoints straight to an object store when given its filesystem.
     storage_path, storage_fs = storage.ray_storage(results_dir)
@@ -224,8 +227,10 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
                            "unsent_path": storage.join(stage_dir, "mlflow_unsent.jsonl"),
                            # test hook (tests/reliability): PIPELINE_FAULT='{"epoch": 2, "marker": "/tmp/x"}'
                            "fault": json.loads(os.environ["PIPELINE_FAULT"]) if os.environ.get("PIPELINE_FAULT") else None},
+        # A caller's own reservation (a sweep trial's) comes out of its workers' share, so that the
+        # trial and its workers together ask for what the config says, not a sliver more.
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+                                     resources_per_worker={"CPU": max(0.01, cfg.ray.cpus_per_worker - reserved_cpu / cfg.ray.num_workers)}),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,

@@ -87,7 +87,7 @@ def _trial(config: dict[str, Any]) -> None:
     tags = {"sweep": config["sweep_name"], "trial_id": ctx.get_trial_id(),
             **{f"swept.{k.replace(FLAT_SEP, '.')}": str(v) for k, v in config["params"].items()}}
     run_training_stage(cfg, config["stage"], tracker, shard_dir=config["shard_dir"], extra_tags=tags,
-                       callbacks=[TuneReportCallback()], log=lambda *_: None, reuse=False)
+                       callbacks=[TuneReportCallback()], log=lambda *_: None, reuse=False, reserved_cpu=DRIVER_CPU)
 
 
 def sweep_name(cfg: PipelineConfig, shard_dir: str, teacher: str | None) -> str:
@@ -135,7 +135,10 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
     import ray
 
     epochs = (cfg.distill if sweep.stage == "distill" else cfg.teacher).epochs
-    per_trial_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker + DRIVER_CPU
+    from pipeline.preflight import check_capacity
+
+    check_capacity(cfg.ray)  # every trial needs this much; none could ever start otherwise
+    per_trial_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker  # the trial's own sliver comes out of it
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = sweep.max_concurrent_trials or max(1, int(cpus // per_trial_cpu))
     if cfg.ray.use_gpu:

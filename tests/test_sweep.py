@@ -28,7 +28,7 @@ def swept(ray_local, tmp_path_factory):
     cfg = load_config(None, [
         f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", "tracking.experiment=sweeps",
         "data.synthetic.images_per_class=40", "data.synthetic.image_size=40", "data.image_size=36", "data.val_fraction=0.25",
-        "train.crop_size=32", "ray.num_workers=1", "ray.cpus_per_worker=0.95", f"distill.teacher={out / 'teacher'}", "distill.epochs=4",
+        "train.crop_size=32", "ray.num_workers=1", f"distill.teacher={out / 'teacher'}", "distill.epochs=4",
         "distill.batch_size=16", "distill.scale_lr=false", "distill.drop_path=0.0", "distill.type=none", "distill.student=resnet10t",
         f"tune.space={space}", "tune.search=grid", "tune.num_samples=1", "tune.max_concurrent_trials=1",
         "tune.metric=val_loss", "tune.mode=min", "tune.grace_period=1", "tune.reduction_factor=2",
@@ -90,6 +90,25 @@ def test_resume_does_not_rerun_finished_trials(swept):
     assert again["mlflow"]["parent_run_id"] == parent_id
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     assert len(children) == 4  # no trial ran again
+
+
+def test_a_trial_with_the_demo_scaling_runs_on_two_cpus(swept):
+    """configs/demo.yaml asks 2 workers x 1 CPU; on the suite's 2-CPU cluster the trial's own
+    reservation used to make that 2.01 CPUs, and the sweep waited forever for its first trial."""
+    from pipeline.config import PipelineConfig, to_dict
+    from pipeline.sweep import run_sweep
+    from pipeline.tracking import tracked
+
+    demo = load_config("configs/demo.yaml")
+    assert (demo.ray.num_workers, demo.ray.cpus_per_worker) == (2, 1.0)
+    tree = to_dict(swept["cfg"])
+    tree["ray"] = to_dict(demo.ray)
+    tree["distill"]["epochs"] = 1
+    tree["tune"].update(space={"distill.lr": {"type": "choice", "values": [0.01]}}, scheduler="none")
+    cfg = PipelineConfig.model_validate(tree)
+    with tracked(cfg, "sweep") as tracker:
+        result = run_sweep(cfg, tracker, log=lambda *_: None)
+    assert [t["epochs_run"] for t in result["trials"]] == [1]
 
 
 @pytest.mark.parametrize(

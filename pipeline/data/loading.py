@@ -67,6 +67,21 @@ def _gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int,
     return out.reshape(len(order), *shape)
 
 
+def _split_files(shard_dir: str, split: str, manifest: dict) -> list[str]:
+    """The split's shard files as the manifest lists them, every one checked to be there."""
+    listed = manifest.get("files", {}).get(split)
+    if listed is None:  # a manifest without a file list: whatever the folder holds
+        return storage.list_files(storage.join(shard_dir, split), ".parquet")
+    files = [storage.join(shard_dir, name) for name in listed]
+    present = set(storage.list_files(storage.join(shard_dir, split), ".parquet"))  # one listing, not a request per file
+    missing = [name for name, f in zip(listed, files) if f not in present]
+    if missing:
+        raise DataError(f"{shard_dir}: {len(missing)} of the {len(listed)} {split} shard files in manifest.json are missing "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); rebuild them with "
+                        "`python -m pipeline preprocess --force`")
+    return files
+
+
 def load_split(
     shard_dir: str,
     split: str,
@@ -83,7 +98,7 @@ def load_split(
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     manifest = read_manifest(shard_dir)
     shape = tuple(manifest["image_shape"])
-    files = storage.list_files(storage.join(shard_dir, split), ".parquet")
+    files = _split_files(shard_dir, split, manifest)
     if not files:
         empty = torch.zeros((0, *shape), dtype=torch.uint8, device=device)
         return SplitTensors(empty, torch.zeros(0, dtype=torch.int64, device=device), [])
@@ -91,6 +106,10 @@ def load_split(
     table = pq.ParquetDataset([storage.resolve(f)[1] for f in files], filesystem=fs, memory_map=not storage.is_uri(shard_dir)).read(
         columns=["path", "label", "image"]
     )
+    expected = manifest.get("split_sizes", {}).get(split)
+    if expected is not None and table.num_rows != expected:
+        raise DataError(f"{shard_dir}: the {split} shards hold {table.num_rows} images, the manifest says {expected}; "
+                        "the shards were changed after preprocessing: rebuild them with `python -m pipeline preprocess --force`")
     paths = np.asarray(table["path"].to_pylist(), dtype=object)
     order = np.argsort(paths, kind="stable")[rank::world_size]
     images = _gather_binary(table["image"], order, shape)

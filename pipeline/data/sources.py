@@ -8,6 +8,7 @@ the target directory.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
 import sys
@@ -273,4 +274,29 @@ def resolve_source(cfg: DataConfig, output_dir: str = "outputs") -> SourceListin
         listing = _synthetic(cfg, output_dir)
     if not listing.items:
         raise DataError(f"no images found for source '{cfg.source}' at {listing.root}")
+    check_splits(listing, cfg)
     return listing
+
+
+def check_splits(listing: SourceListing, cfg: DataConfig) -> None:
+    """A classifier needs two classes, each with a training image and, for model selection, a
+    validation image: say which class is short and what to change, before any decoding."""
+    if len(listing.class_names) < 2:
+        raise DataError(f"{listing.root} has {len(listing.class_names)} class ({', '.join(listing.class_names)}); "
+                        "a classifier needs at least 2 class folders")
+    counts = {(i.label, i.split): 0 for i in listing.items}
+    for item in listing.items:
+        counts[(item.label, item.split)] += 1
+    for label, name in enumerate(listing.class_names):
+        total = sum(n for (lab, _), n in counts.items() if lab == label)
+        if not counts.get((label, "train")):
+            raise DataError(f"class {name!r} has no training image ({total} image(s), all held out); add images "
+                            "or lower data.val_fraction / data.test_fraction")
+        if not counts.get((label, "val")):
+            if cfg.source == "flowers102":
+                raise DataError(f"class {name!r} has no validation image in setid.mat")
+            need = f"{math.ceil(100 / total) / 100:.2f}" if total > 1 else None  # rounded up: int(n * f) must reach 1
+            raise DataError(f"class {name!r} gets no validation image: data.val_fraction={cfg.val_fraction:g} of its "
+                            f"{total} image(s) rounds down to 0; "
+                            + (f"raise data.val_fraction to at least {need} or add images" if need and float(need) < 1
+                               else "add images to it (it needs at least 2)"))

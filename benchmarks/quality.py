@@ -53,9 +53,9 @@ STUDENTS = {
                                               "distill.lr=0.001", "distill.drop_path=0.1"],
                          ["distill.type=hard", "distill.alpha=0.5"]),
     "lite0": Student("lite0", True, ["distill.student=tf_efficientnet_lite0", "distill.student_pretrained=package",
-                                     "distill.epochs=5", "distill.lr=0.001", "distill.weight_decay=0.0001",
+                                     "distill.epochs=8", "distill.lr=0.001", "distill.weight_decay=0.0001",
                                      "distill.warmup_epochs=0.5"],
-                     ["distill.type=soft", "distill.alpha=0.5", "distill.temperature=2.0"]),
+                     ["distill.type=soft", "distill.alpha=0.9", "distill.temperature=1.0"]),
 }
 
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from pipeline import storage
-from pipeline.config import ConfigError, PipelineConfig, load_config, to_yaml
+from pipeline.config import ConfigError, PipelineConfig, load_config, redact, to_yaml
 
 EPILOG = """overrides: any config key as dotted.key=value, e.g.
   data.source=tf_flowers data.path=../shared/datasets/flower_photos data.image_size=160
@@ -97,7 +97,7 @@ def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
             else:
                 results["sweep"] = run_sweep(cfg, tracker, resume="sweep" not in forced, force="sweep" in forced)
             write_stage_result(cfg, "sweep", results["sweep"])
-        results["mlflow"] = {"tracking_uri": tracker.uri, "experiment": cfg.tracking.experiment, "parent_run_id": tracker.parent_id}
+        results["mlflow"] = {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment, "parent_run_id": tracker.parent_id}
     _print_where(results)
     return results
 
@@ -167,17 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    ev = sub.add_parser("evaluate", help="top-1 and per-class accuracy of a model on a class-per-folder tree (JSON)")
-    ev.add_argument("--model", required=True, help="checkpoint directory (e.g. outputs/demo/distill/best) or models:/NAME/VERSION")
+    ev = sub.add_parser("evaluate", help="top-1 and per-class accuracy of a model on a class-per-folder tree (JSON)",
+                        description="Top-1 and per-class accuracy of a published model on a class-per-folder tree, as JSON on "
+                                    "stdout. Images are decoded and fed exactly as in training (meta.json).")
+    ev.add_argument("--model", required=True,
+                    help="checkpoint directory (e.g. outputs/demo/distill/deit-soft/best) or models:/NAME/VERSION")
     ev.add_argument("--data", required=True, help="class-per-folder tree whose folder names are the model's classes")
-    pr = sub.add_parser("predict", help="top classes for single images (JSON)")
+    pr = sub.add_parser("predict", help="top classes for single images (JSON)",
+                        description="The top classes with probabilities for each image, as JSON on stdout; exit 2 if any "
+                                    "image could not be read (the others are still answered).")
     pr.add_argument("--model", required=True, help="checkpoint directory or models:/NAME/VERSION")
     pr.add_argument("--top-k", type=int, default=3)
     for p in (ev, pr):
         p.add_argument("--tracking-uri", default=None,
                        help="MLflow store of a models:/ or runs:/ model (default: $MLFLOW_TRACKING_URI, else ./mlflow.db, as the pipeline logs)")
     pr.add_argument("images", nargs="+")
-    ms = sub.add_parser("mlflow-server", help="an MLflow tracking server for the runs (loopback only unless --host)")
+    ms = sub.add_parser("mlflow-server", help="an MLflow tracking server for the runs (loopback only unless --host)",
+                        description="Start an MLflow tracking server (SQLite store + artifacts under --store) that runs can "
+                                    "log to with tracking.uri=http://127.0.0.1:PORT. It has no authentication.")
     ms.add_argument("--store", default="mlflow-server", help="directory for its SQLite store and artifacts")
     ms.add_argument("--host", default="127.0.0.1",
                     help="interface to bind; the server has no authentication, so keep 127.0.0.1 and tunnel (see README)")
@@ -202,7 +209,7 @@ def _model_command(args: argparse.Namespace) -> int:
     try:
         out = evaluate_folder(args.model, args.data) if args.stage == "evaluate" else predict_files(args.model, args.images, args.top_k)
     except (CheckpointError, DataError, ModelStoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print_json(out)
     if args.stage == "predict":
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         with _exit_on_sigterm():
             result = STAGES[args.stage][1](cfg, args)
     except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except ValueError as exc:
         from pipeline.report import ReportError  # imported here: they pull in torch
@@ -272,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(exc, (ReportError, TrainingDiverged)):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     path = write_stage_result(cfg, args.stage, result)
     print(f"{args.stage}: result in {path}")

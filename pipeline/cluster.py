@@ -8,6 +8,21 @@ import os
 from pipeline.config import RayConfig
 
 
+_STARTED_HERE = False  # did this process start its own Ray (which cannot grow), or join a cluster?
+JOINED_CLUSTER_WAIT_S = 600.0
+
+
+def started_here() -> bool:
+    return _STARTED_HERE
+
+
+def capacity_wait_s(cfg: RayConfig) -> float:
+    """``ray.capacity_wait_s``, or its default: no wait on a private Ray, 10 min on a joined cluster."""
+    if cfg.capacity_wait_s is not None:
+        return cfg.capacity_wait_s
+    return 0.0 if _STARTED_HERE else JOINED_CLUSTER_WAIT_S
+
+
 def init_ray(cfg: RayConfig, output_dir: str | None = None) -> None:
     """Start or join Ray once per process; reuse an instance that is already up (tests, jobs).
 
@@ -16,6 +31,7 @@ def init_ray(cfg: RayConfig, output_dir: str | None = None) -> None:
 
     if not ray.is_initialized():
         _start(cfg)
+        protect_auth_token()
     if output_dir is not None:
         from pipeline.preflight import check_shared_storage
 
@@ -25,7 +41,10 @@ def init_ray(cfg: RayConfig, output_dir: str | None = None) -> None:
 def _start(cfg: RayConfig) -> None:
     import ray
 
+    global _STARTED_HERE
+
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    _STARTED_HERE = not address
     # The dashboard (ray[default]) also serves the state API that Ray Train's controller polls.
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
     try:
@@ -36,3 +55,19 @@ def _start(cfg: RayConfig) -> None:
         ctx.print_on_execution_start = False
     except Exception:  # older/newer Ray without these knobs: only cosmetics are lost
         pass
+
+
+def protect_auth_token(path: str = "~/.ray/auth_token") -> bool:
+    """Make Ray's token file readable by its owner only (Ray writes it with the umask, often 0644:
+    any local user could then submit jobs). Returns whether the mode was changed."""
+    import stat
+
+    path = os.path.expanduser(path)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            os.chmod(path, 0o600)
+            return True
+    except OSError:  # no token (auth off, or a remote cluster's token elsewhere): nothing to protect
+        pass
+    return False

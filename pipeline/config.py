@@ -83,8 +83,9 @@ class RayConfig(_Section):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    capacity_wait_s: float = Field(0.0, ge=0, le=86400, description="how long a run waits for an autoscaling cluster to "
-                                   "grow to fit its workers; 0: fail at once when they cannot be placed")
+    capacity_wait_s: float | None = Field(None, ge=0, le=86400, description="how long a run waits for the cluster to grow "
+                                          "to fit its workers; null: 0 (fail at once) on a Ray the pipeline starts itself, "
+                                          "600 when it joins a cluster, which may autoscale")
     shared_storage: bool | None = Field(None, description="is output_dir visible from every node? None: detect "
                                         "(object-store URIs and network filesystems are shared, local disks are not)")
 
@@ -502,7 +503,8 @@ def to_dict(cfg: BaseModel) -> dict[str, Any]:
 
 
 def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML for the files a run leaves behind, credentials in URIs masked."""
+    return redact(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def fingerprint(*parts: Any) -> str:

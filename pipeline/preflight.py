@@ -137,13 +137,17 @@ def check_capacity(ray_cfg: RayConfig, reserved_cpu: float = 0.0, nodes: list[di
     """Fail in seconds when the cluster can never place the training workers, instead of letting
     Ray Train wait forever for a placement group. ``reserved_cpu``: CPUs a caller holds on the
     same cluster while the workers run (a sweep trial's own reservation). An autoscaling cluster
-    may grow: with ``ray.capacity_wait_s`` > 0 the check waits that long, saying so, before failing."""
+    may grow: the check waits ``ray.capacity_wait_s`` (see :func:`pipeline.cluster.capacity_wait_s`),
+    saying so, before failing."""
     import time
 
     import ray
 
+    from pipeline.cluster import capacity_wait_s
+
+    wait = capacity_wait_s(ray_cfg) if nodes is None else 0.0
     gpus = 1.0 if ray_cfg.use_gpu else 0.0
-    deadline = time.monotonic() + ray_cfg.capacity_wait_s
+    deadline = time.monotonic() + wait
     said = False
     while True:
         alive = nodes if nodes is not None else [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
@@ -157,7 +161,7 @@ def check_capacity(ray_cfg: RayConfig, reserved_cpu: float = 0.0, nodes: list[di
         if nodes is not None or time.monotonic() >= deadline:
             break
         if not said:
-            print(f"waiting up to {ray_cfg.capacity_wait_s:.0f} s for the cluster to grow: {ray_cfg.num_workers} worker(s) "
+            print(f"waiting up to {wait:.0f} s for the cluster to grow: {ray_cfg.num_workers} worker(s) "
                   f"asked, room for {fits} now (ray.capacity_wait_s)", flush=True)
             said = True
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
@@ -167,4 +171,4 @@ def check_capacity(ray_cfg: RayConfig, reserved_cpu: float = 0.0, nodes: list[di
         f"the Ray cluster cannot place the training workers: asked {want}"
         + (f" beside {reserved_cpu:g} CPU already reserved" if reserved_cpu else "")
         + f"; it has {have} (room for {fits}). Lower ray.num_workers or ray.cpus_per_worker"
-        + (", or set ray.capacity_wait_s for a cluster that autoscales" if not ray_cfg.capacity_wait_s else ""))
+        + (", or set ray.capacity_wait_s for a cluster that autoscales" if not wait else f" (waited {wait:.0f} s)"))

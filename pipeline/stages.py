@@ -11,20 +11,19 @@ import time
 from typing import Any
 
 from pipeline import checkpoints, plots, storage
-from pipeline.config import ConfigError, PipelineConfig, fingerprint, stage_train, to_dict, to_yaml
+from pipeline.config import ConfigError, PipelineConfig, fingerprint, redact, stage_train, to_dict, to_yaml
 from pipeline.data.loading import load_split, read_manifest
 from pipeline.models import check_model_name
 from pipeline.tracking import Tracker
 
 
 def stage_output_dir(cfg: PipelineConfig, stage: str) -> str:
-    """``<output_dir>/teacher``, or ``<output_dir>/distill/<method>-<type>`` so that a DeiT student and
-    its no-teacher baseline live side by side."""
+    """``<output_dir>/teacher``, or ``<output_dir>/distill/<role>`` (see :func:`stage_role`), so that a
+    student and its no-teacher baseline live side by side under the names MLflow shows."""
     root = storage.abspath(cfg.output_dir)
     if stage == "teacher":
         return storage.join(root, "teacher")
-    d = cfg.distill
-    return storage.join(root, "distill", d.name or (f"funmatch-{d.teaching}" if d.method == "funmatch" else f"deit-{d.type}"))
+    return storage.join(root, "distill", stage_role(cfg, stage))
 
 
 def stage_role(cfg: PipelineConfig, stage: str) -> str:
@@ -132,7 +131,7 @@ def _stage_fingerprint(cfg: PipelineConfig, stage: str, shard_dir: str, teacher:
     """Names the Ray run: same data, config and teacher checkpoint -> same run (resume); a retrained teacher -> a new run."""
     section = to_dict(cfg.teacher if stage == "teacher" else cfg.distill)
     # Where the cluster is and whether its storage is shared do not change what is trained.
-    scaling = {k: v for k, v in to_dict(cfg.ray).items() if k not in ("address", "shared_storage")}
+    scaling = {k: v for k, v in to_dict(cfg.ray).items() if k not in ("address", "shared_storage", "capacity_wait_s")}
     return fingerprint(stage, section, to_dict(cfg.train), shard_dir, scaling, model_id(teacher))
 
 
@@ -154,7 +153,7 @@ def finished_stage(cfg: PipelineConfig, stage: str, ray_run: str, tracking_uri: 
     if done.get("ray_run_name") != ray_run or not storage.is_file(storage.join(done.get("best_checkpoint", ""), checkpoints.META_FILE)):
         return None
     tracked_at = done.get("mlflow", {})
-    if tracking_uri and (tracked_at.get("tracking_uri"), tracked_at.get("experiment")) != (tracking_uri, cfg.tracking.experiment):
+    if tracking_uri and (tracked_at.get("tracking_uri"), tracked_at.get("experiment")) != (redact(tracking_uri), cfg.tracking.experiment):
         return None  # the stage must appear in this store/experiment too: republished (not retrained) below
     return done
 
@@ -168,7 +167,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     With ``reuse``, a stage whose output already comes from a finished run of the same fingerprint
     (data, config, teacher checkpoint) is skipped and its saved result returned; ``force`` redoes it.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.cluster import init_ray
@@ -239,6 +238,9 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
+            # Ray Train's INFO lines (worker-group start, every report and checkpoint) would bury the
+            # epoch lines on the console; they still go to Ray's session log files.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     log(f"{stage}: training {opt.epochs} epochs on {cfg.ray.num_workers} worker(s) ({'GPU' if cfg.ray.use_gpu else 'CPU'}); "
@@ -320,7 +322,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         "val_acc": best_metrics.get("val_acc"),
         "evaluation": {s: {k: v for k, v in e.items() if k != "confusion"} for s, e in evaluation.items()},
         "history": history,
-        "mlflow": {"tracking_uri": tracker.uri, "experiment": cfg.tracking.experiment, "run_id": run_id, "model_uri": model_uri},
+        "mlflow": {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment, "run_id": run_id, "model_uri": model_uri},
         "artifacts": artifacts,
     }
     # Written last: its presence (with this run's name) is what lets a later invocation skip the stage.

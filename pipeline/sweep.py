@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import ConfigError, PipelineConfig, _set_dotted, fingerprint, to_dict, validate_tree
+from pipeline.config import ConfigError, PipelineConfig, _set_dotted, fingerprint, redact, to_dict, validate_tree
 from pipeline.tracking import Tracker
 
 FLAT_SEP = "/"
@@ -260,7 +260,7 @@ def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: s
     log(f"sweep: best trial {best['trial_id']} {sweep.metric}={best[sweep.metric]:.4f} "
         + " ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.tune.space))
     result = {"stage": "sweep", "sweep_dir": sweep_dir, "best": best, "trials": rows, "table": table_md,
-              "plot": plot, "mlflow": {"tracking_uri": tracker.uri, "parent_run_id": parent_id, "registered_model": model_uri}}
+              "plot": plot, "mlflow": {"tracking_uri": redact(tracker.uri), "parent_run_id": parent_id, "registered_model": model_uri}}
     # Marks the sweep finished: `run` skips a sweep whose result.json exists (unless forced). Not
     # written when a trial errored, so that the next `run` resumes (and retries) it.
     if not any(r["error"] for r in rows):

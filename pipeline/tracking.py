@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from pipeline.config import PipelineConfig, flatten, to_dict
+from pipeline.config import PipelineConfig, flatten, redact, to_dict
 
 # MLflow's HTTP client retries for minutes by default; we retry (and buffer) ourselves.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -58,8 +58,8 @@ def _attempt(fn: Callable[[], Any], what: str, fail_fast: bool, tries: int = 3, 
             if i + 1 < tries:
                 time.sleep(wait * (2**i))
     if fail_fast:
-        raise TrackingError(f"MLflow: could not {what}: {last}") from last
-    warnings.warn(f"MLflow: could not {what} ({type(last).__name__}: {str(last)[:200]}); training goes on", stacklevel=3)
+        raise TrackingError(redact(f"MLflow: could not {what}: {last}")) from last
+    warnings.warn(redact(f"MLflow: could not {what} ({type(last).__name__}: {str(last)[:200]}); training goes on"), stacklevel=3)
     return False, None
 
 
@@ -93,7 +93,11 @@ class EpochLogger:
         return self.logged_steps
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.run_id or (self.once_per_step and step in self._already_logged()):
+        if not self.run_id:  # no MLflow run at all: everything goes to the unsent file at close()
+            ts = int(time.time() * 1000)
+            self.pending += [(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+            return
+        if self.once_per_step and step in self._already_logged():
             return
         if self.once_per_step:
             self.logged_steps.add(step)
@@ -102,8 +106,10 @@ class EpochLogger:
         self.flush(tries=2)
 
     def flush(self, tries: int = 3) -> bool:
-        if not self.pending or not self.run_id:
+        if not self.pending:
             return True
+        if not self.run_id:
+            return False
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
@@ -120,7 +126,7 @@ class EpochLogger:
         return ok
 
     def close(self) -> None:
-        if not self.flush(tries=5) and self.fallback_path:
+        if not self.flush(tries=5 if self.run_id else 0) and self.fallback_path:
             from pipeline import storage
 
             storage.append_text(self.fallback_path, "".join(
@@ -170,21 +176,25 @@ class Tracker:
             exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.tracking.experiment,
                                                                             artifact_location=artifact_location(self.uri))
             run = client.create_run(exp_id, run_name=f"{self.invocation}", tags={"pipeline.invocation": self.invocation, "git_commit": git_commit()})
+            if not exp_id or not run.info.run_id:  # a proxy or a wrong server that answers 200 with nothing in it
+                raise TrackingError(f"the store answered without an experiment or run id (experiment {exp_id!r}, run {run.info.run_id!r})")
+            client.get_run(run.info.run_id)  # and it must be able to read back what it just stored
             return exp_id, run.info.run_id
 
-        ok, got = _attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
-        if not ok and not self.uri.startswith("sqlite"):
+        ok, got = _attempt(create, f"create the parent run at {redact(self.uri)}", self.fail_fast)
+        if not ok:
             from pipeline import storage
             from pipeline.config import base_dir
 
             # SQLite needs a local file: beside the outputs, or in the base directory when they are in an object store.
             local_root = base_dir() if storage.is_uri(self.cfg.output_dir) else self.cfg.output_dir
             fallback = f"sqlite:///{os.path.abspath(os.path.join(local_root, 'mlflow_fallback.db'))}"
-            os.makedirs(os.path.abspath(local_root), exist_ok=True)
-            warnings.warn(f"MLflow at {self.uri} is unreachable: this invocation logs to the local store {fallback} "
-                          f"instead (`mlflow ui --backend-store-uri {fallback}` shows it)", stacklevel=2)
-            self.uri = fallback
-            ok, got = _attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
+            if fallback != self.uri:
+                os.makedirs(os.path.abspath(local_root), exist_ok=True)
+                warnings.warn(f"MLflow at {redact(self.uri)} is unreachable or unusable: this invocation logs to the local store {fallback} "
+                              f"instead (`mlflow ui --backend-store-uri {fallback}` shows it)", stacklevel=2)
+                self.uri = fallback
+                ok, got = _attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
         if ok:
             self.experiment_id, self.parent_id = got
             self.log_params(self.parent_id, flatten(to_dict(self.cfg)))
@@ -224,7 +234,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]  # never a password as a param
 
         def send():
             client = self._client()

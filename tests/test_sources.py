@@ -81,11 +81,11 @@ def test_tf_flowers_from_tgz_and_from_url(tmp_path):
     members = {f"flower_photos/{c}/{i}.jpg": _png_bytes(i) for c in ("daisy", "roses") for i in range(5)}
     members["flower_photos/LICENSE.txt"] = b"CC-BY"
     tgz = _make_tgz(tmp_path, members)
-    listing = resolve_source(_cfg(tmp_path, "data.source=tf_flowers", f"data.path={tgz}"))
+    listing = resolve_source(_cfg(tmp_path, "data.source=tf_flowers", f"data.path={tgz}", "data.val_fraction=0.2"))
     assert listing.class_names == ["daisy", "roses"] and len(listing.items) == 10
     assert listing.root.endswith("flower_photos")
     # the same archive through a URL goes through the download path (cache + checksum)
-    listing2 = resolve_source(_cfg(tmp_path / "u", "data.source=tf_flowers", f"data.path={tgz.as_uri()}"))
+    listing2 = resolve_source(_cfg(tmp_path / "u", "data.source=tf_flowers", f"data.path={tgz.as_uri()}", "data.val_fraction=0.2"))
     assert len(listing2.items) == 10
     assert (tmp_path / "u" / "cache" / "downloads" / "flower_photos.tgz").is_file()
 
@@ -116,7 +116,8 @@ def test_synthetic_is_deterministic_and_reused(tmp_path):
     b = synthetic.draw_flower(2, 7, 48, seed=3)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not np.array_equal(np.asarray(a), np.asarray(synthetic.draw_flower(2, 8, 48, seed=3)))
-    cfg = _cfg(tmp_path, f"data.path={tmp_path / 'syn'}", "data.synthetic.num_classes=3", "data.synthetic.images_per_class=6", "data.synthetic.image_size=40")
+    cfg = _cfg(tmp_path, f"data.path={tmp_path / 'syn'}", "data.synthetic.num_classes=3", "data.synthetic.images_per_class=6", "data.synthetic.image_size=40",
+               "data.val_fraction=0.2")
     listing = resolve_source(cfg)
     assert len(listing.items) == 18 and len(listing.class_names) == 3
     stamp = (tmp_path / "syn" / listing.class_names[0] / "00000.png").stat().st_mtime_ns
@@ -148,3 +149,25 @@ def test_resize_modes(tmp_path):
     assert squash.shape == crop.shape == (20, 20, 3)
     assert squash[:, :4].mean() > 200  # squash keeps the white strip at the left edge
     assert crop.mean() < 10  # the centre crop of a 40x20 image drops the left quarter
+
+
+def test_a_fresh_copy_of_the_same_photos_has_the_same_fingerprint(tmp_path, folder_tree, monkeypatch):
+    """Shards are reused when the photos are the same, however they were copied (mtimes differ)."""
+    import shutil
+
+    from pipeline.data import sources
+
+    def fp(root):
+        return resolve_source(_cfg(tmp_path, "data.source=folder", f"data.path={root}", "data.val_fraction=0.2")).fingerprint()
+
+    copy = tmp_path / "copy" / "tree"
+    shutil.copytree(folder_tree, copy, copy_function=shutil.copyfile)  # no metadata: new mtimes
+    assert fp(copy) == fp(folder_tree)
+    victim = copy / "crocus" / "img_03.jpg"
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0xFF  # same size, other bytes
+    victim.write_bytes(bytes(data))
+    assert fp(copy) != fp(folder_tree)
+    # beyond the content budget, size + mtime stand in for the bytes
+    monkeypatch.setattr(sources, "CONTENT_HASH_LIMIT", 0)
+    assert fp(copy) != fp(folder_tree)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 # A truncated JPEG must be an error we count, not a half-grey image we train on.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -41,10 +41,13 @@ def resize(img: Image.Image, size: int, mode: str) -> Image.Image:
 
 
 def load_image(path: str, size: int, mode: str = "squash") -> np.ndarray:
-    """Decode, convert to RGB and resize one file; raises on unreadable or corrupt files."""
+    """Decode, turn upright by its EXIF orientation, convert to RGB and resize one file; raises on
+    unreadable or corrupt files."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's "palette with transparency" etc.: handled in to_rgb
         with Image.open(path) as img:
             img.load()
-            out = resize(to_rgb(img), size, mode)
+            # As a viewer shows it: phone photos store pixels sideways plus an EXIF orientation tag.
+            upright = ImageOps.exif_transpose(img)
+            out = resize(to_rgb(upright), size, mode)
     return np.asarray(out, dtype=np.uint8)

@@ -8,6 +8,8 @@ fit in memory.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +74,8 @@ def _split_files(shard_dir: str, split: str, manifest: dict) -> list[str]:
     listed = manifest.get("files", {}).get(split)
     if listed is None:  # a manifest without a file list: whatever the folder holds
         return storage.list_files(storage.join(shard_dir, split), ".parquet")
-    files = [storage.join(shard_dir, name) for name in listed]
+    # Local manifests list paths relative to the shard folder, object-store ones full URIs.
+    files = [name if storage.is_uri(name) or os.path.isabs(name) else storage.join(shard_dir, name) for name in listed]
     present = set(storage.list_files(storage.join(shard_dir, split), ".parquet"))  # one listing, not a request per file
     missing = [name for name, f in zip(listed, files) if f not in present]
     if missing:

@@ -20,7 +20,8 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -134,8 +135,6 @@ def _write_shards(listing: SourceListing, cfg: PipelineConfig, target: str) -> t
 
 def preprocess(cfg: PipelineConfig, force: bool = False, log=print) -> dict[str, Any]:
     """Build (or reuse) the shards for ``cfg.data``; return the stage result."""
-    from pipeline.cluster import init_ray
-
     started = time.time()
     listing = resolve_source(cfg.data, cfg.output_dir)
     dest, fp = shard_dir_for(cfg, listing)
@@ -145,12 +144,47 @@ def preprocess(cfg: PipelineConfig, force: bool = False, log=print) -> dict[str,
         log(f"preprocess: reusing {dest} (same source files and data config; --force rebuilds)")
         return _result(cfg, dest, manifest, reused=True, seconds=time.time() - started)
 
+    if storage.is_uri(dest):
+        return _build(cfg, listing, dest, fp, log, started)
+    # Outside the shard folder, whose entries are datasets: a lock file is never deleted (a waiter
+    # holds the same inode), so it must not look like a leftover.
+    with _build_lock(os.path.join(storage.abspath(cfg.output_dir), ".locks", f"preprocess-{fp[:16]}.lock"), log):
+        # A run that held the lock before us may have just built these shards.
+        if storage.exists(manifest_path) and not force:
+            log(f"preprocess: reusing {dest}, built meanwhile by another run")
+            return _result(cfg, dest, storage.read_json(manifest_path), reused=True, seconds=time.time() - started)
+        return _build(cfg, listing, dest, fp, log, started)
+
+
+@contextmanager
+def _build_lock(path: str, log) -> Iterator[None]:
+    """One build per dataset fingerprint and output folder at a time (``flock``: released by the
+    kernel when the holder dies, so a killed run never leaves it stuck); a second run waits."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"preprocess: another run is building these shards ({path}); waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(cfg: PipelineConfig, listing: SourceListing, dest: str, fp: str, log, started: float) -> dict[str, Any]:
+    from pipeline.cluster import init_ray
+
+    manifest_path = storage.join(dest, "manifest.json")
     init_ray(cfg.ray, cfg.output_dir)
     local = not storage.is_uri(dest)
     # Write aside and rename into place locally; object stores have no atomic rename, so there the
     # manifest, written last, is the completion marker.
     work = storage.join(cfg.output_dir, "shards", f".{fp[:16]}.partial-{uuid.uuid4().hex[:8]}") if local else dest
-    if local:  # partial copies left by a killed run of the same dataset
+    if local:  # partial copies left by a killed run of the same dataset (we hold the lock: none is live)
         for stale in glob.glob(os.path.join(os.path.dirname(dest), f".{fp[:16]}.partial-*")):
             shutil.rmtree(stale, ignore_errors=True)
     else:
@@ -178,6 +212,7 @@ def preprocess(cfg: PipelineConfig, force: bool = False, log=print) -> dict[str,
             "skipped": skipped,
             "num_skipped": len(skipped),
             "num_ignored_non_images": len(listing.ignored),
+            "links_skipped": listing.links_skipped,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         storage.write_text(storage.join(work, "config.yaml"), to_yaml(cfg))
@@ -196,6 +231,9 @@ def preprocess(cfg: PipelineConfig, force: bool = False, log=print) -> dict[str,
         raise
     if skipped:
         log(f"preprocess: skipped {len(skipped)} unreadable file(s); see 'skipped' in {manifest_path}")
+    if listing.links_skipped:
+        log(f"preprocess: skipped {len(listing.links_skipped)} link(s) that leave the data folder, dangle or loop; "
+            f"see 'links_skipped' in {manifest_path}")
     return _result(cfg, dest, manifest, reused=False, seconds=time.time() - started)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from pipeline import storage
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, redact
 from pipeline.data import synthetic
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -48,12 +48,17 @@ class Item:
     split: str
 
 
+CONTENT_HASH_LIMIT = 4 << 30  # bytes of source images hashed by content when checking for reusable shards
+
+
 @dataclass
 class SourceListing:
     root: str
     class_names: list[str]
     items: list[Item]
     ignored: list[str] = field(default_factory=list)  # non-image files, not errors
+    links_skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: see list_class_folders
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {s: {c: 0 for c in self.class_names} for s in SPLITS}
@@ -62,14 +67,31 @@ class SourceListing:
         return out
 
     def fingerprint(self) -> str:
-        """sha256 over each file's relative path, size, mtime, label and split."""
+        """sha256 over each file's relative path, label, split, size and content.
+
+        Content, not modification time, up to ``CONTENT_HASH_LIMIT`` bytes of source files (about
+        0.5 s for tf_flowers' 197 MB): a dataset copied afresh (a new node, ``cp`` without ``-p``)
+        is the same dataset and reuses its shards. Larger trees fall back to size + mtime, since
+        reading every byte on each invocation would cost minutes there.
+        """
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         h.update("\0".join(self.class_names).encode())
-        for it in sorted(self.items, key=lambda i: i.path):
-            st = os.stat(it.path)
+        ordered = sorted(self.items, key=lambda i: i.path)
+        stats = [os.stat(it.path) for it in ordered]
+        by_content = sum(st.st_size for st in stats) <= CONTENT_HASH_LIMIT
+        h.update(b"content\n" if by_content else b"mtime\n")
+        for it, st in zip(ordered, stats):
             rel = os.path.relpath(it.path, self.root)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{it.label}\0{it.split}\n".encode())
-        return h.hexdigest()
+            if by_content:
+                with open(it.path, "rb") as f:
+                    stamp = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+            else:
+                stamp = str(st.st_mtime_ns)
+            h.update(f"{rel}\0{st.st_size}\0{stamp}\0{it.label}\0{it.split}\n".encode())
+        self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -104,11 +126,11 @@ def download(url: str, directory: str | Path, sha256: str | None, filename: str 
                     bar.update(len(block))
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        raise DataError(f"could not download {url}: {exc}. Download it by hand and set data.path to the file.") from None
+        raise DataError(redact(f"could not download {url}: {exc}. Download it by hand and set data.path to the file.")) from None
     if sha256 is not None and h.hexdigest() != sha256:
         partial.unlink(missing_ok=True)
         raise DataError(
-            f"checksum mismatch for {url}: expected sha256 {sha256}, got {h.hexdigest()}; "
+            f"checksum mismatch for {redact(url)}: expected sha256 {sha256}, got {h.hexdigest()}; "
             "the partial file was removed. Retry, or check the URL."
         )
     partial.replace(target)
@@ -158,20 +180,64 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def list_class_folders(root: str | Path) -> tuple[list[str], list[list[str]], list[str]]:
-    """Class names (sorted sub-folder names), each class's sorted image paths, and ignored files."""
+def _walk_images(folder: Path, root_real: str, skipped: list[dict[str, str]]) -> tuple[list[str], list[str]]:
+    """Images and other files under ``folder``, following links only while they stay inside the
+    data root (files and folders alike, as archives refuse links that leave theirs); links that
+    leave it, dangle or loop are skipped with the reason."""
+    images, others = [], []
+    seen_dirs: set[str] = set()
+
+    def inside(real: str) -> bool:
+        return real == root_real or real.startswith(root_real + os.sep)
+
+    def visit(directory: Path) -> None:
+        real = os.path.realpath(directory)
+        if real in seen_dirs:
+            skipped.append({"path": str(directory), "reason": "link loop (folder already listed)"})
+            return
+        seen_dirs.add(real)
+        for entry in sorted(directory.iterdir()):
+            if entry.is_symlink():
+                target = os.path.realpath(entry)
+                if not os.path.exists(target):
+                    skipped.append({"path": str(entry), "reason": "dangling link"})
+                    continue
+                if not inside(target):
+                    skipped.append({"path": str(entry), "reason": "link leaves the data folder"})
+                    continue
+            if entry.is_dir():
+                visit(entry)
+            elif entry.is_file():
+                (images if _is_image(entry) else others).append(str(entry))
+
+    visit(folder)
+    return images, others
+
+
+def list_class_folders(root: str | Path, links_skipped: list[dict[str, str]] | None = None) -> tuple[list[str], list[list[str]], list[str]]:
+    """Class names (sorted sub-folder names), each class's sorted image paths, and ignored files.
+
+    Links are followed while they stay inside ``root``; the ones that leave it, dangle or loop are
+    appended to ``links_skipped`` with the reason (and never read)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data path {root} does not exist or is not a directory")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    root_real = os.path.realpath(root)
+    skipped = links_skipped if links_skipped is not None else []
+    classes = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if p.is_symlink() and not (os.path.realpath(p) + os.sep).startswith(root_real + os.sep):
+            skipped.append({"path": str(p), "reason": "link leaves the data folder"})
+            continue
+        classes.append(p.name)
     if not classes:
         raise DataError(f"no class folders in {root}: expected one sub-folder of images per class")
     files, ignored = [], []
     for name in classes:
-        images = []
-        for p in sorted((root / name).rglob("*")):
-            if p.is_file():
-                (images if _is_image(p) else ignored).append(str(p))
+        images, others = _walk_images(root / name, root_real, skipped)
+        ignored += others
         if not images:
             raise DataError(f"class folder {root / name} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images")
         files.append(images)
@@ -195,9 +261,10 @@ def split_per_class(files_by_class: list[list[str]], val_fraction: float, test_f
 
 
 def _folder_listing(root: Path, cfg: DataConfig) -> SourceListing:
-    classes, files, ignored = list_class_folders(root)
+    links: list[dict[str, str]] = []
+    classes, files, ignored = list_class_folders(root, links)
     items = split_per_class(files, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    return SourceListing(str(root), classes, items, ignored)
+    return SourceListing(str(root), classes, items, ignored, links)
 
 
 def _is_url(path: str) -> bool:

@@ -9,6 +9,7 @@ waits on the host (sums stay on the device until the epoch ends).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -271,6 +272,12 @@ def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, 
             os._exit(1)
 
 
+def _console_line(message: str) -> None:
+    """One line on the worker's real stdout, which Ray streams to the driver. Ray Train patches
+    ``print`` to send each line both there and to the root logger: every epoch line showed twice."""
+    print(message, file=sys.__stdout__, flush=True)
+
+
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite: the stage stops without publishing anything."""
 
@@ -309,7 +316,7 @@ def train_worker(config: dict[str, Any]) -> None:
     resume_dir = resume_ctx.__enter__() if resume_ctx else None
     try:
         ctx = LoopContext(rank, world, device, report, resume_dir, ray.train.torch.prepare_model,
-                          logger.log if logger else None, print_fn=print, fault=config.get("fault"))
+                          logger.log if logger else None, print_fn=_console_line, fault=config.get("fault"))
         run_loop(cfg, config["stage"], config["shard_dir"], ctx, config.get("teacher_source"), config.get("teacher_cache"))
     finally:
         if resume_ctx:

@@ -85,3 +85,19 @@ def test_download_checksum_mismatch_is_refused_and_removed(tmp_path):
 def test_download_failure_is_clear(tmp_path):
     with pytest.raises(DataError, match="could not download"):
         sources.download((tmp_path / "missing.tgz").as_uri(), tmp_path / "dl", sha256=None)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view) is
+    decoded as a viewer shows it: the stored left (red) half ends up on top."""
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[:, :40] = (255, 0, 0)
+    pixels[:, 40:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+    out = images.load_image(str(path), 32, "squash").astype(int)
+    top, bottom = out[:12].mean(axis=(0, 1)), out[-12:].mean(axis=(0, 1))
+    assert top[0] > 200 and top[2] < 60, top  # red on top
+    assert bottom[2] > 200 and bottom[0] < 60, bottom

@@ -37,6 +37,17 @@ def test_teacher_with_more_workers_than_cpus_fails_in_seconds(ray_local, tmp_pat
     common = [f"output_dir={tmp_path}", "data.synthetic.images_per_class=8", "data.val_fraction=0.25", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     assert cli_main(["preprocess", *common]) == 0
     t0 = time.perf_counter()
-    code = cli_main(["teacher", *common, "ray.num_workers=4"])
+    # The suite joins its cluster (which could autoscale, so the default would wait 10 min): say 0.
+    code = cli_main(["teacher", *common, "ray.num_workers=4", "ray.capacity_wait_s=0"])
     assert code == 2 and time.perf_counter() - t0 < 60
     assert "cannot place the training workers: asked 4 worker(s) x 1 CPU" in capsys.readouterr().err
+
+
+def test_wait_default_depends_on_who_started_ray(monkeypatch):
+    from pipeline import cluster
+
+    monkeypatch.setattr(cluster, "_STARTED_HERE", True)
+    assert cluster.capacity_wait_s(RayConfig()) == 0.0
+    monkeypatch.setattr(cluster, "_STARTED_HERE", False)
+    assert cluster.capacity_wait_s(RayConfig()) == cluster.JOINED_CLUSTER_WAIT_S
+    assert cluster.capacity_wait_s(RayConfig(capacity_wait_s=5.0)) == 5.0

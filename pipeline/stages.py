@@ -238,7 +238,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
-            # Ray Train's INFO lines (worker-group start, every report and checkpoint) would bury the
+            # Ray Train's controller INFO lines (worker-group start-up, checkpoints) would bury the
             # epoch lines on the console; they still go to Ray's session log files.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),

@@ -25,7 +25,8 @@ from pipeline import checkpoints  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import synthetic  # noqa: E402
 from pipeline.models import build_teacher  # noqa: E402
-from pipeline.train.steps import FunMatchTask  # noqa: E402
+from pipeline.plan import plan_stage  # noqa: E402
+from pipeline.train.steps import FunMatchTask, TrainBatch  # noqa: E402
 
 
 def main() -> None:
@@ -43,14 +44,16 @@ def main() -> None:
 
     k = 5
     images = torch.from_numpy(np.stack([np.asarray(synthetic.draw_flower(i % k, i, args.stored, seed=0)) for i in range(args.images)]))
+    labels = torch.arange(args.images) % k  # unused by function matching
     with tempfile.TemporaryDirectory() as tmp:
         teacher, meta = build_teacher(args.teacher, "none", k)
         meta.update(class_names=[str(i) for i in range(k)], num_classes=k, image_size=args.stored, resize_mode="squash",
                     input_size=args.crop, eval_transform="center_crop")
         checkpoints.save(tmp, teacher.state_dict(), meta)
         cfg = load_config(None, ["distill.method=funmatch", f"distill.student={args.student}", f"data.image_size={args.stored}",
-                                 f"train.crop_size={args.crop}", "distill.temperature=10"])
-        task = FunMatchTask(cfg, {"num_classes": k, "image_size": args.stored}, torch.device("cpu"), tmp)
+                                 f"train.crop_size={args.crop}", "distill.temperature=10", f"distill.teacher={tmp}"])
+        plan = plan_stage(cfg, "distill", shard_dir="synthetic-in-memory")
+        task = FunMatchTask(cfg, plan, {"num_classes": k, "image_size": args.stored}, torch.device("cpu"))
     model = task.model
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=3e-4)
     gen = torch.Generator().manual_seed(0)
@@ -64,9 +67,9 @@ def main() -> None:
         for s in range(steps):
             idx = order[s * args.batch : (s + 1) * args.batch]
             t = time.perf_counter()
-            x, x_teacher, _ = task.train_inputs(images, idx, gen)
+            inputs = task.train_inputs(TrainBatch(images, labels, idx, gen))
             t2 = time.perf_counter()
-            loss = task.kl(model(x), task.teacher.logits(x_teacher))
+            loss = task.eval_kl(model(inputs.student), task.teacher.logits(inputs.teacher))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

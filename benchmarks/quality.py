@@ -81,7 +81,8 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
     from pipeline.data.preprocess import preprocess
     from pipeline.label import label_views
     from pipeline.report import build_report
-    from pipeline.stages import run_training_stage, teacher_identity, teacher_source
+    from pipeline.plan import teacher_identity, teacher_source
+    from pipeline.stages import run_training_stage
     from pipeline.tracking import tracked
 
     out = os.path.abspath(out)

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.loading import load_split  # noqa: E402
 from pipeline.models import build_student, build_teacher  # noqa: E402
-from pipeline.train.loop import batch_for_training  # noqa: E402
+from pipeline.data.batches import batch_for_training  # noqa: E402
 
 
 def bare_loop(cfg, shard_dir, epochs: int) -> float:
@@ -114,10 +114,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import ray
-
-    from pipeline.cli import write_stage_result
     from pipeline.data.preprocess import preprocess
-    from pipeline.stages import run_training_stage, shard_dir_of
+    from pipeline.data.preprocess import built_shards
+    from pipeline.stages import run_training_stage
     from pipeline.tracking import tracked
 
     with tempfile.TemporaryDirectory() as out:
@@ -128,9 +127,9 @@ def main() -> None:
             "distill.type=none", f"distill.epochs={args.epochs}", f"distill.batch_size={args.batch}",
         ])
         ray.init(num_cpus=args.threads, logging_level="ERROR")
-        write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+        preprocess(cfg, log=lambda *_: None)
 
-        shard_dir = shard_dir_of(cfg)
+        shard_dir = built_shards(cfg)
         with tracked(cfg, "benchmark") as tracker:
             result = run_training_stage(cfg, "distill", tracker, log=lambda *_: None)
         hist = result["history"][1:]

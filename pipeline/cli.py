@@ -17,13 +17,15 @@ EPILOG = """overrides: any config key as dotted.key=value, e.g.
 Values are read as YAML (64 is an int, 0.1 a float, null is None). See README for every key."""
 
 
-def write_stage_result(cfg: PipelineConfig, stage: str, result: dict[str, Any]) -> str:
-    """Save ``result.json`` and the resolved config under ``<output_dir>/<stage>/``."""
-    stage_dir = storage.join(cfg.output_dir, stage)
-    storage.write_text(storage.join(stage_dir, "config.yaml"), to_yaml(cfg))
-    path = storage.join(stage_dir, "result.json")
-    storage.write_json(path, result)
-    return path
+def result_file(stage: str, result: dict[str, Any]) -> str | None:
+    """Where ``stage`` saved its result (every stage writes its own; the CLI only says where)."""
+    if stage in ("teacher", "distill"):
+        return storage.join(result["output"], "result.json")
+    if stage == "sweep":
+        return storage.join(result["sweep_dir"], "result.json")
+    if stage == "report":
+        return result["files"]["json"]
+    return result.get("result_file")
 
 
 def _run_preprocess(cfg: PipelineConfig, args: argparse.Namespace, force: bool | None = None) -> dict[str, Any]:
@@ -81,11 +83,9 @@ def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
         validate_space(cfg)  # a bad space must fail now, not after an hour of training
     results: dict[str, Any] = {"stage": "run"}
     results["preprocess"] = _run_preprocess(cfg, args, force="preprocess" in forced)
-    write_stage_result(cfg, "preprocess", results["preprocess"])
     with tracked(cfg, "run") as tracker:
         for stage in ("teacher", "distill"):
             results[stage] = run_training_stage(cfg, stage, tracker, force=stage in forced)
-            write_stage_result(cfg, stage, results[stage])
             _print_training(results[stage])
         if cfg.tune.in_run:
             from pipeline.sweep import finished_sweep, run_sweep
@@ -96,8 +96,11 @@ def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
                 results["sweep"] = {**done, "skipped": True}
             else:
                 results["sweep"] = run_sweep(cfg, tracker, resume="sweep" not in forced, force="sweep" in forced)
-            write_stage_result(cfg, "sweep", results["sweep"])
         results["mlflow"] = {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment, "parent_run_id": tracker.parent_id}
+    # The run's own summary: what each stage produced (each stage also saved its own result).
+    results["result_file"] = storage.join(storage.abspath(cfg.output_dir), "run", "result.json")
+    storage.write_text(storage.join(storage.abspath(cfg.output_dir), "run", "config.yaml"), to_yaml(cfg))
+    storage.write_json(results["result_file"], results)
     _print_where(results)
     return results
 
@@ -281,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    path = write_stage_result(cfg, args.stage, result)
-    print(f"{args.stage}: result in {path}")
+    path = result_file(args.stage, result)
+    if path and storage.exists(path):
+        print(f"{args.stage}: result in {path}")
     return 0
 
 

@@ -12,10 +12,6 @@ _STARTED_HERE = False  # did this process start its own Ray (which cannot grow),
 JOINED_CLUSTER_WAIT_S = 600.0
 
 
-def started_here() -> bool:
-    return _STARTED_HERE
-
-
 def capacity_wait_s(cfg: RayConfig) -> float:
     """``ray.capacity_wait_s``, or its default: no wait on a private Ray, 10 min on a joined cluster."""
     if cfg.capacity_wait_s is not None:

@@ -239,9 +239,12 @@ class PipelineConfig(_Section):
     @field_validator("output_dir")
     @classmethod
     def _no_credentials(cls, value: str) -> str:
-        from pipeline.storage import check_uri
-
-        check_uri(value)
+        """Refuse URIs that would leak credentials into logs and MLflow (``s3://key:secret@bucket``)."""
+        if "://" in value and not value.startswith("file://"):
+            authority = value.partition("?")[0].split("://", 1)[1].split("/", 1)[0]
+            if "@" in authority:
+                raise ValueError("do not put credentials in the URI (it is logged and saved in results); set them in the "
+                                 "environment of every node instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role)")
         return value
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.data.images import load_image
 from pipeline.data.sources import DataError, list_class_folders
-from pipeline.models import has_distillation_head
+from pipeline.models import head_logits
 
 
 def _eval_cfg(meta: dict[str, Any]) -> TrainConfig:
@@ -20,7 +20,7 @@ def _eval_cfg(meta: dict[str, Any]) -> TrainConfig:
 
 def model_inputs(images_u8: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """Stored-size uint8 NHWC images -> the normalised float batch the model was evaluated on."""
-    from pipeline.train.loop import batch_for_eval
+    from pipeline.data.batches import batch_for_eval
 
     return batch_for_eval(images_u8, _eval_cfg(meta), meta["input_size"], meta["mean"], meta["std"])
 
@@ -32,13 +32,7 @@ def predict_logits(model, images_u8: torch.Tensor, meta: dict[str, Any], batch: 
     outs: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(images_u8), batch):
         x = model_inputs(images_u8[i : i + batch], meta)
-        if has_distillation_head(model):
-            feats = model.forward_features(x)
-            cls, dist = model.head(feats[:, 0]), model.head_dist(feats[:, 1])
-            got = {"logits": (cls + dist) / 2, "logits_cls": cls, "logits_dist": dist}
-        else:
-            got = {"logits": model(x)}
-        for k, v in got.items():
+        for k, v in head_logits(model, x).items():
             outs.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v) for k, v in outs.items()}
 

@@ -45,7 +45,7 @@ def views_path(cfg: PipelineConfig, shard_dir: str, teacher_id) -> str:
 def label_views(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, log=print, force: bool = False,
                 batch: int = 16) -> str:
     """The path of the views file for this config and teacher (``teacher_id``: what identifies its
-    weights, see :func:`pipeline.stages.teacher_identity`), computed unless it already exists."""
+    weights, see :func:`pipeline.plan.teacher_identity`), computed unless it already exists."""
     path = views_path(cfg, shard_dir, teacher_id)
     if storage.is_file(path) and not force:
         log(f"label: reusing {cfg.distill.teacher_views} teacher views per image from {path}")

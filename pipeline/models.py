@@ -26,6 +26,17 @@ def has_distillation_head(model: nn.Module) -> bool:
     return hasattr(model, "head_dist") and hasattr(model, "set_distilled_training")
 
 
+def head_logits(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inference logits: ``logits``, and for a DeiT student each head alone (``logits_cls``,
+    ``logits_dist``) with ``logits`` their average, as DeiT predicts. Training, evaluation and the
+    report all read a model's heads through here."""
+    if not has_distillation_head(model):
+        return {"logits": model(x)}
+    feats = model.forward_features(x)
+    cls, dist = model.head(feats[:, 0]), model.head_dist(feats[:, 1])
+    return {"logits": (cls + dist) / 2, "logits_cls": cls, "logits_dist": dist}
+
+
 def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the keyword arguments it was really built with."""
     try:

@@ -1,6 +1,9 @@
-"""PNG plots logged with every training stage: learning curves and a confusion matrix."""
+"""PNG plots: learning curves and a confusion matrix for every training stage, metric against
+swept keys for a sweep, and the comparison report's two plots."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import matplotlib
 
@@ -56,6 +59,54 @@ def sweep_scatter(rows: list[dict], keys: list[str], metric: str, path: str) -> 
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
     fig.suptitle(f"{metric} per trial (red: stopped early by ASHA)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_latency(rows: list[dict[str, Any]], path: str) -> str:
+    """Val top-1 against ms per image, one labelled point per role, area ~ parameters."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    biggest = max(r["params"] for r in rows)
+    for i, r in enumerate(rows):
+        ax.scatter(r["latency_ms"], r["val_top1"], s=40 + 400 * r["params"] / biggest, alpha=0.6,
+                   c="tab:orange" if r["role"] == "teacher" else "tab:blue")
+        # Models of one architecture sit on top of each other: stagger their labels vertically.
+        ax.annotate(f"{r['role']} ({r['arch']})", (r["latency_ms"], r["val_top1"]), textcoords="offset points",
+                    xytext=(8, 8 + 11 * (i % 4)), fontsize=8)
+    latencies = [r["latency_ms"] for r in rows]
+    if max(latencies) / max(min(latencies), 1e-9) > 20:
+        ax.set_xscale("log")
+    if ax.get_xscale() == "log":
+        ax.set_xlim(right=max(latencies) * 3)
+    else:
+        ax.set_xlim(0, max(latencies) * 1.5)  # from zero: distances then read as ratios
+    ax.set_xlabel("CPU latency, ms / image (batch 1)")
+    ax.set_ylabel("val top-1")
+    ax.set_ylim(0, 1.1)
+    ax.set_title("accuracy vs latency (orange: teacher; marker area ~ parameters)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_agreement(rows: list[dict[str, Any]], path: str) -> str:
+    """Grouped bars per role: val top-1 and agreement with the teacher (absent for the teacher)."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 4))
+    xs = range(len(rows))
+    width = 0.38
+    bars = ax.bar([x - width / 2 for x in xs], [r["val_top1"] for r in rows], width, label="val top-1")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    agree = [(x, r["agreement"]) for x, r in zip(xs, rows) if r["agreement"] is not None]
+    if agree:
+        bars = ax.bar([x + width / 2 for x, _ in agree], [a for _, a in agree], width, label="agreement with teacher")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)  # makes an agreement of 0 visible too
+    ax.set_xticks(list(xs), [r["role"] for r in rows], rotation=20, ha="right")
+    ax.set_ylim(0, 1.25)
+    ax.legend(loc="upper right", ncol=2, fontsize=8)
+    ax.set_title("validation top-1 and agreement with the teacher")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

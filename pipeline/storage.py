@@ -28,13 +28,6 @@ def _split_query(uri: str) -> tuple[str, str]:
     return base, sep + query
 
 
-def check_uri(path: str) -> None:
-    """Refuse URIs that would leak credentials into logs and MLflow (``s3://key:secret@bucket``)."""
-    if is_uri(path) and "@" in _split_query(path)[0].split("://", 1)[1].split("/", 1)[0]:
-        raise ValueError("do not put credentials in the URI (it is logged and saved in results); set them in the "
-                         "environment of every node instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an instance role)")
-
-
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it; plain paths are local."""
     if "://" in path:

@@ -92,7 +92,7 @@ def _trial(config: dict[str, Any]) -> None:
 
 def sweep_name(cfg: PipelineConfig, shard_dir: str, teacher: str | None) -> str:
     """``sweep-<stage>-<fingerprint>``: the same space, stage config, data and teacher give the same sweep."""
-    from pipeline.stages import model_id
+    from pipeline.plan import model_id
 
     section = cfg.distill if cfg.tune.stage == "distill" else cfg.teacher
     tune_section = {k: v for k, v in to_dict(cfg.tune).items() if k != "in_run"}
@@ -102,11 +102,11 @@ def sweep_name(cfg: PipelineConfig, shard_dir: str, teacher: str | None) -> str:
 
 def finished_sweep(cfg: PipelineConfig) -> dict[str, Any] | None:
     """The saved result of a finished sweep with this config's fingerprint, or None."""
-    from pipeline.stages import shard_dir_of, validate_stage
+    from pipeline.data.preprocess import built_shards
+    from pipeline.plan import plan_stage
 
-    shard_dir = shard_dir_of(cfg)
-    path = storage.join(storage.abspath(cfg.output_dir), "sweeps", sweep_name(cfg, shard_dir, validate_stage(cfg, cfg.tune.stage)),
-                        "result.json")
+    plan = plan_stage(cfg, cfg.tune.stage, built_shards(cfg))
+    path = storage.join(storage.abspath(cfg.output_dir), "sweeps", sweep_name(cfg, plan.shard_dir, plan.teacher), "result.json")
     try:
         return storage.read_json(path)
     except (OSError, ValueError):
@@ -119,12 +119,13 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
     from ray.tune.schedulers import ASHAScheduler
 
     from pipeline.cluster import init_ray
-    from pipeline.stages import shard_dir_of, validate_stage
+    from pipeline.data.preprocess import built_shards
+    from pipeline.plan import plan_stage
 
     validate_space(cfg)
     sweep = cfg.tune
-    shard_dir = shard_dir_of(cfg)
-    teacher = validate_stage(cfg, sweep.stage)
+    plan = plan_stage(cfg, sweep.stage, built_shards(cfg))  # the base config's plan; each trial plans its own
+    shard_dir, teacher = plan.shard_dir, plan.teacher
     sweeps_dir = storage.join(storage.abspath(cfg.output_dir), "sweeps")
     storage_path, storage_fs = storage.ray_storage(sweeps_dir)
     name = sweep_name(cfg, shard_dir, teacher)
@@ -134,7 +135,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
     init_ray(cfg.ray, cfg.output_dir)
     import ray
 
-    epochs = (cfg.distill if sweep.stage == "distill" else cfg.teacher).epochs
+    epochs = plan.section(cfg).epochs
     from pipeline.preflight import check_capacity
 
     check_capacity(cfg.ray)  # every trial needs this much; none could ever start otherwise
@@ -172,7 +173,7 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
                            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs, verbose=0))
     log(f"sweep: {sweep.num_samples} sample(s) over {', '.join(sweep.space)}; {concurrent} trial(s) at a time; {sweep_dir}")
     results = tuner.fit()
-    return summarize(cfg, tracker, results, parent_id, sweep_dir, name, epochs, log)
+    return summarize(cfg, plan, tracker, results, parent_id, sweep_dir, name, epochs, log)
 
 
 def _best_checkpoint(df, metric: str, mode: str, sweep_dir: str) -> str | None:
@@ -189,7 +190,7 @@ def _best_checkpoint(df, metric: str, mode: str, sweep_dir: str) -> str | None:
     return None
 
 
-def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: str, epochs: int, log) -> dict[str, Any]:
+def summarize(cfg, plan, tracker: Tracker, results, parent_id, sweep_dir: str, name: str, epochs: int, log) -> dict[str, Any]:
     """Table + plots on the parent run, the best trial tagged and registered, stopped trials marked."""
     from mlflow.tracking import MlflowClient
 
@@ -250,12 +251,9 @@ def summarize(cfg, tracker: Tracker, results, parent_id, sweep_dir: str, name: s
             from pipeline.checkpoints import load_model
             from pipeline.data.loading import load_split
             from pipeline.evaluate import model_inputs
-            from pipeline.stages import shard_dir_of
-
             model, meta = load_model(best["best_checkpoint"])
-            example = model_inputs(load_split(shard_dir_of(cfg), "val").images[:2], meta)
-            suffix = "teacher" if sweep.stage == "teacher" else "student"
-            model_uri = tracker.log_model(best["mlflow_run_id"], model, meta, example, f"{cfg.tracking.experiment}-{suffix}")
+            example = model_inputs(load_split(plan.shard_dir, "val").images[:2], meta)
+            model_uri = tracker.log_model(best["mlflow_run_id"], model, meta, example, plan.registered_model)
     tracker.end(parent_id)
     log(f"sweep: best trial {best['trial_id']} {sweep.metric}={best[sweep.metric]:.4f} "
         + " ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.tune.space))

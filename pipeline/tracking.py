@@ -1,6 +1,6 @@
 """MLflow: one parent run per invocation, one nested run per stage, metrics from rank 0.
 
-Tracking must never kill training: every call goes through :func:`_attempt`, which retries, warns
+Tracking must never kill training: every call goes through :func:`attempt`, which retries, warns
 and, when the server stays away, keeps what could not be sent (metrics are re-sent with the next
 call; anything still unsent at the end is written to ``mlflow_unsent.jsonl`` in the stage's output
 directory). ``tracking.fail_fast=true`` turns that into an error instead.
@@ -49,7 +49,10 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def _attempt(fn: Callable[[], Any], what: str, fail_fast: bool, tries: int = 3, wait: float = 1.0) -> tuple[bool, Any]:
+def attempt(fn: Callable[[], Any], what: str, fail_fast: bool, tries: int = 3, wait: float = 1.0) -> tuple[bool, Any]:
+    """Call ``fn`` up to ``tries`` times (waiting ``wait``, then twice as long, between tries): ``(True, result)``.
+
+    When every try fails: a warning that MLflow could not ``what`` and ``(False, None)``, or TrackingError with ``fail_fast``."""
     for i in range(tries):
         try:
             return True, fn()
@@ -87,7 +90,7 @@ class EpochLogger:
         if self.logged_steps is None:
             from mlflow.tracking import MlflowClient
 
-            ok, history = _attempt(lambda: MlflowClient(self.uri).get_metric_history(self.run_id, "train_loss"),
+            ok, history = attempt(lambda: MlflowClient(self.uri).get_metric_history(self.run_id, "train_loss"),
                                    "read the run's metric history", self.fail_fast, tries=2)
             self.logged_steps = {m.step for m in history} if ok else set()
         return self.logged_steps
@@ -120,7 +123,7 @@ class EpochLogger:
             for i in range(0, len(batch), 1000):
                 client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
-        ok, _ = _attempt(send, f"log {len(batch)} metric values", self.fail_fast, tries=tries)
+        ok, _ = attempt(send, f"log {len(batch)} metric values", self.fail_fast, tries=tries)
         if ok:
             self.pending = []
         return ok
@@ -152,18 +155,6 @@ class Tracker:
         tracker.uri, tracker.experiment_id, tracker.parent_id = uri, experiment_id, parent_id
         return tracker
 
-    def register(self, model_uri: str, name: str) -> str | None:
-        """Register a logged model; returns ``models:/name/version``."""
-        import mlflow
-
-        def send():
-            mlflow.set_tracking_uri(self.uri)
-            version = mlflow.register_model(model_uri, name)
-            return f"models:/{name}/{version.version}"
-
-        ok, uri = _attempt(send, f"register {model_uri} as {name}", self.fail_fast)
-        return uri if ok else None
-
     def _client(self):
         from mlflow.tracking import MlflowClient
 
@@ -181,7 +172,7 @@ class Tracker:
             client.get_run(run.info.run_id)  # and it must be able to read back what it just stored
             return exp_id, run.info.run_id
 
-        ok, got = _attempt(create, f"create the parent run at {redact(self.uri)}", self.fail_fast)
+        ok, got = attempt(create, f"create the parent run at {redact(self.uri)}", self.fail_fast)
         if not ok:
             from pipeline import storage
             from pipeline.config import base_dir
@@ -194,15 +185,17 @@ class Tracker:
                 warnings.warn(f"MLflow at {redact(self.uri)} is unreachable or unusable: this invocation logs to the local store {fallback} "
                               f"instead (`mlflow ui --backend-store-uri {fallback}` shows it)", stacklevel=2)
                 self.uri = fallback
-                ok, got = _attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
+                ok, got = attempt(create, f"create the parent run at {self.uri}", self.fail_fast)
         if ok:
             self.experiment_id, self.parent_id = got
             self.log_params(self.parent_id, flatten(to_dict(self.cfg)))
         return self
 
-    def stage_run(self, stage: str, tags: dict[str, str], reuse_id: str | None = None, cfg: PipelineConfig | None = None) -> str | None:
-        """A nested run for ``stage`` (or ``reuse_id`` when resuming one that still exists), named by its
-        ``role`` tag, with the parameters of ``cfg`` (default: the invocation's) that shape this stage."""
+    def stage_run(self, stage: str, tags: dict[str, str], reuse_id: str | None = None, cfg: PipelineConfig | None = None,
+                  run_name: str | None = None) -> str | None:
+        """A nested run for ``stage`` (or ``reuse_id`` when resuming one that still exists), named
+        ``run_name`` (default: its ``role`` tag), with the parameters of ``cfg`` (default: the
+        invocation's) that shape this stage."""
         if self.experiment_id is None:
             return None
 
@@ -219,9 +212,9 @@ class Tracker:
             all_tags = {"stage": stage, "git_commit": git_commit(), **tags}
             if self.parent_id:
                 all_tags["mlflow.parentRunId"] = self.parent_id
-            return client.create_run(self.experiment_id, run_name=tags.get("role", stage), tags=all_tags).info.run_id
+            return client.create_run(self.experiment_id, run_name=run_name or tags.get("role", stage), tags=all_tags).info.run_id
 
-        ok, run_id = _attempt(create, f"create the {stage} run", self.fail_fast)
+        ok, run_id = attempt(create, f"create the {stage} run", self.fail_fast)
         if ok and run_id != reuse_id:
             tree = to_dict(cfg or self.cfg)
             # The other training section would only add noise to a comparison (a teacher has no distill.type).
@@ -241,19 +234,19 @@ class Tracker:
             for i in range(0, len(items), 100):
                 client.log_batch(run_id, params=items[i : i + 100])
 
-        _attempt(send, "log parameters", self.fail_fast)
+        attempt(send, "log parameters", self.fail_fast)
 
     def log_artifact(self, run_id: str | None, path: str, artifact_path: str | None = None) -> None:
         if run_id:
-            _attempt(lambda: self._client().log_artifact(run_id, path, artifact_path), f"log artifact {os.path.basename(path)}", self.fail_fast)
+            attempt(lambda: self._client().log_artifact(run_id, path, artifact_path), f"log artifact {os.path.basename(path)}", self.fail_fast)
 
     def set_tags(self, run_id: str | None, tags: dict[str, str]) -> None:
         if run_id:
-            _attempt(lambda: [self._client().set_tag(run_id, k, str(v)) for k, v in tags.items()], "set tags", self.fail_fast)
+            attempt(lambda: [self._client().set_tag(run_id, k, str(v)) for k, v in tags.items()], "set tags", self.fail_fast)
 
     def end(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id:
-            _attempt(lambda: self._client().set_terminated(run_id, status), "end a run", self.fail_fast)
+            attempt(lambda: self._client().set_terminated(run_id, status), "end a run", self.fail_fast)
 
     def log_model(self, run_id: str | None, model, meta: dict[str, Any], example, registered_name: str | None) -> str | None:
         """Log the model to the run in the pickle-free format of :mod:`pipeline.model_store` (state
@@ -272,7 +265,7 @@ class Tracker:
                     model, meta, example, registered_name if self.cfg.tracking.register_models else None,
                     requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"])
 
-        ok, uri = _attempt(send, "log the model", self.fail_fast, tries=2)
+        ok, uri = attempt(send, "log the model", self.fail_fast, tries=2)
         return uri if ok else None
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -9,7 +9,8 @@ from pipeline import checkpoints
 from pipeline.config import load_config
 from pipeline.data import augment
 from pipeline.models import build_teacher
-from pipeline.train.steps import FunMatchTask
+from pipeline.plan import StageKind, plan_stage
+from pipeline.train.steps import FunMatchTask, TrainBatch, build_task
 
 MANIFEST = {"num_classes": 3, "image_size": 40}
 
@@ -26,8 +27,10 @@ def teacher_dir(tmp_path):
 
 def _task(teaching, teacher_dir, cache=None):
     cfg = load_config(None, ["distill.method=funmatch", f"distill.teaching={teaching}", "distill.student=resnet10t",
-                             "data.image_size=40", "train.crop_size=32", "distill.temperature=2.0"])
-    return FunMatchTask(cfg, MANIFEST, torch.device("cpu"), teacher_dir, cache)
+                             "data.image_size=40", "train.crop_size=32", "distill.temperature=2.0", f"distill.teacher={teacher_dir}"])
+    plan = plan_stage(cfg, "distill", "unused-shards").with_teacher_inputs(cache)
+    assert plan.kind is StageKind.FUNMATCH
+    return build_task(cfg, plan, MANIFEST, torch.device("cpu"))
 
 
 def _instrument(task):
@@ -49,39 +52,40 @@ def _images(n=8):
 def test_teacher_and_student_receive_the_identical_tensor(teaching, teacher_dir):
     task = _task(teaching, teacher_dir)
     seen = _instrument(task)
-    task.record = []
-    out = task.train_step_from(task.model, _images(), LABELS, torch.arange(8), torch.Generator().manual_seed(0), False)
+    assert isinstance(task, FunMatchTask)
+    batch = TrainBatch(_images(), LABELS, torch.arange(8), torch.Generator().manual_seed(0))
+    rec = task.train_inputs(TrainBatch(_images(), LABELS, torch.arange(8), torch.Generator().manual_seed(0)))
+    out = task.train_step(task.model, batch)
     assert torch.isfinite(out["loss"])
+    assert torch.allclose(rec.student, seen["student"])  # train_inputs draws exactly what the step feeds
     # the teacher's input, mapped back from its normalisation to the student's, is the student's input
     back = augment.renormalize(seen["teacher"], task.teacher.mean, task.teacher.std, task.mean, task.std)
     assert torch.allclose(back, seen["student"], atol=1e-5)
-    rec = task.record[0]
     if teaching == "function_matching":
-        lam = float(rec["lambda"])
+        lam = float(rec.mixup_lambda)
         assert 0 <= lam <= 1
         # ...and it is a mix of each crop with its rolled neighbour, done once
         unmixed = (seen["student"] - (1 - lam) * torch.roll(seen["student"], 1, 0)) / lam if lam > 0.05 else None
         if unmixed is not None:
             assert not torch.allclose(unmixed, seen["student"], atol=1e-3)
     else:
-        assert "lambda" not in rec
+        assert rec.mixup_lambda is None
 
 
 def test_independent_noise_gives_different_crops_of_the_same_images(teacher_dir):
     task = _task("independent_noise", teacher_dir)
     seen = _instrument(task)
-    task.record = []
     images = _images()
-    task.train_step_from(task.model, images, LABELS, torch.arange(8), torch.Generator().manual_seed(0), False)
+    rec = task.train_inputs(TrainBatch(images, LABELS, torch.arange(8), torch.Generator().manual_seed(0)))
+    task.train_step(task.model, TrainBatch(images, LABELS, torch.arange(8), torch.Generator().manual_seed(0)))
     back = augment.renormalize(seen["teacher"], task.teacher.mean, task.teacher.std, task.mean, task.std)
     assert not torch.allclose(back, seen["student"], atol=1e-3)
-    rec = task.record[0]
     base = augment.to_float(images, task.mean, task.std)
-    for who, boxes, got in (("student", rec["student_boxes"], seen["student"]), ("teacher", rec["teacher_boxes"], back)):
+    for who, boxes, got in (("student", rec.student_boxes, seen["student"]), ("teacher", rec.teacher_boxes, back)):
         crops = augment.crop_resize_boxes(base, boxes, 32)
         for i in range(8):  # each input is crop i of image i, possibly mirrored
             assert torch.allclose(got[i], crops[i], atol=1e-4) or torch.allclose(got[i], crops[i].flip(-1), atol=1e-4), who
-    assert not torch.equal(rec["student_boxes"], rec["teacher_boxes"])
+    assert not torch.equal(rec.student_boxes, rec.teacher_boxes)
 
 
 def test_fixed_teacher_uses_cached_logits_and_never_runs_the_teacher(teacher_dir, tmp_path):
@@ -91,7 +95,7 @@ def test_fixed_teacher_uses_cached_logits_and_never_runs_the_teacher(teacher_dir
     task = _task("fixed_teacher", teacher_dir, str(tmp_path / "cache.pt"))
     task.bind_train_part(list(reversed(paths)), torch.device("cpu"))  # this worker's rows, in its own order
     seen = _instrument(task)
-    out = task.train_step_from(task.model, _images(), LABELS, torch.tensor([0, 5]), torch.Generator().manual_seed(0), False)
+    out = task.train_step(task.model, TrainBatch(_images(), LABELS, torch.tensor([0, 5]), torch.Generator().manual_seed(0)))
     assert "teacher" not in seen
     assert torch.equal(out["target"], logits[[7, 2]].argmax(-1))
 

@@ -3,10 +3,8 @@
 import socket
 
 import pytest
-
-from pipeline.cli import write_stage_result
 from pipeline.data.preprocess import preprocess
-from pipeline.servers import start_mlflow_server, stop_server
+from tests.mlflow_servers import start_mlflow_server, stop_server
 from pipeline.stages import run_training_stage
 from pipeline.tracking import tracked
 from tests.conftest import free_port
@@ -26,7 +24,7 @@ def server(tmp_path_factory):
 def test_stage_tracked_over_http_is_visible_through_the_rest_api(ray_local, server, tmp_path):
     cfg = small_config(tmp_path, f"tracking.uri={server['url']}", "tracking.experiment=over-http", "ray.num_workers=1",
                        "teacher.epochs=2")
-    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+    preprocess(cfg, log=lambda *_: None)
     with tracked(cfg, "teacher") as tracker:
         result = run_training_stage(cfg, "teacher", tracker)
     assert result["mlflow"]["tracking_uri"] == server["url"]  # no fallback to a local store

@@ -5,7 +5,12 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.models import build_student, build_teacher, has_distillation_head
-from pipeline.stages import validate_stage
+from pipeline.plan import plan_stage
+
+
+def validate_stage(cfg, stage):
+    """The teacher a stage would use; planning raises on what is wrong."""
+    return plan_stage(cfg, stage, "shards").teacher
 
 
 def test_deit_student_returns_two_heads_in_training_and_their_average_in_eval():

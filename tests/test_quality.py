@@ -53,15 +53,16 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
     assert entries[0]["arch"] == "tf_efficientnet_lite0" and entries[1]["arch"] == "resnet10t"
     assert entries[2]["agreement"] is not None and entries[0]["agreement"] is None
     assert "points over resnet10t-alone" in (out / "quality.md").read_text()
-    # MLflow: one run per model, named by its role; the distilled one says which views it replayed
+    # MLflow: one run per model, named by what it is (the students by their distill.name); the
+    # distilled one says which views it replayed
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("quality-test")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert {"teacher", "resnet10t-alone", "resnet10t-distilled", "report"} <= set(runs)
+    assert {"teacher tf_efficientnet_lite0", "resnet10t-alone", "resnet10t-distilled", "report"} <= set(runs)
     assert runs["resnet10t-distilled"].data.tags.get("teacher_views") == "2"
     assert "teacher_views" not in runs["resnet10t-alone"].data.tags
     assert runs["resnet10t-alone"].data.params["distill.type"] == "none"
-    assert "distill.type" not in runs["teacher"].data.params
+    assert "distill.type" not in runs["teacher tf_efficientnet_lite0"].data.params
     artifacts = {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
     assert {"quality.json", "quality.md"} <= artifacts
     # a rerun reuses every stage (same fingerprints) and gives the same table

@@ -20,7 +20,7 @@ from pipeline.data.loading import load_split
 from pipeline.data.sources import SPLITS
 from pipeline.evaluate import model_inputs
 from pipeline.models import build_student, build_teacher, count_parameters
-from pipeline.report import ReportError, add_arguments, build_report, load_run_model, run_from_args
+from pipeline.report import ReportError, add_arguments, build_report, load_run_model, run_with_config
 
 EXPERIMENT = "report-test"
 DEIT = "deit_tiny_distilled_patch16_224"
@@ -239,7 +239,7 @@ def test_cli_helpers_use_config_defaults_and_print(world, tmp_path, capsys):
     parser = add_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--latency-runs", "2", "--throughput-runs", "1", "--threads", "1", "--no-mlflow",
                               f"tracking.uri={world['uri']}", "tracking.experiment=cli", f"output_dir={tmp_path}"])
-    result = run_from_args(args)
+    result = run_with_config(load_config(getattr(args, "config", None), args.overrides), args)
     printed = capsys.readouterr().out
     assert result["report_dir"] == str(tmp_path / "report") and os.path.isfile(tmp_path / "report" / "report.md")
     assert [r["run_id"] for r in result["rows"]] == [rid] and result["settings"]["threads"] == 1
@@ -290,7 +290,7 @@ def test_unloadable_model_and_unreachable_tracking_keep_the_rest(world, tmp_path
         raise ConnectionError("tracking server down")
 
     monkeypatch.setattr(MlflowClient, "create_run", refuse)
-    monkeypatch.setattr(pipeline.tracking.time, "sleep", lambda s: None)  # _attempt's back-off
+    monkeypatch.setattr(pipeline.tracking.time, "sleep", lambda s: None)  # attempt's back-off
     with pytest.warns(UserWarning) as caught:
         result = build_report(world["uri"], "partial", str(tmp_path), latency_runs=1, throughput_runs=1, threads=1,
                               log=lambda *_: None)

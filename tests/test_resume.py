@@ -8,6 +8,7 @@ import torch
 from pipeline import checkpoints
 from pipeline.config import load_config
 from pipeline.data.preprocess import preprocess
+from pipeline.plan import plan_stage
 from pipeline.train.loop import LoopContext, run_loop
 
 
@@ -36,7 +37,7 @@ def _run(cfg, shard_dir, save_to, resume_dir=None, stop_after=None):
 
     ctx = LoopContext(0, 1, torch.device("cpu"), report, resume_dir=resume_dir, print_fn=lambda *_: None)
     try:
-        run_loop(cfg, "teacher", shard_dir, ctx)
+        run_loop(cfg, plan_stage(cfg, "teacher", shard_dir), ctx)
     except Stop:
         pass
     return reported

@@ -11,7 +11,6 @@ from pipeline.sweep import validate_space
 
 @pytest.fixture(scope="module")
 def swept(ray_local, tmp_path_factory):
-    from pipeline.cli import write_stage_result
     from pipeline.data.preprocess import preprocess
     from pipeline.sweep import run_sweep
     from pipeline.tracking import tracked
@@ -33,7 +32,7 @@ def swept(ray_local, tmp_path_factory):
         f"tune.space={space}", "tune.search=grid", "tune.num_samples=1", "tune.max_concurrent_trials=1",
         "tune.metric=val_loss", "tune.mode=min", "tune.grace_period=1", "tune.reduction_factor=2",
     ])
-    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+    preprocess(cfg, log=lambda *_: None)
     with tracked(cfg, "sweep") as tracker:
         result = run_sweep(cfg, tracker, log=lambda *_: None)
     return {"cfg": cfg, "result": result, "out": out}

@@ -11,7 +11,16 @@ from pipeline.config import load_config
 from pipeline.data import augment
 from pipeline.label import label_views
 from pipeline.models import build_teacher
-from pipeline.train.steps import DeitTask, TeacherTask
+from pipeline.plan import plan_stage
+from pipeline.train.steps import DeitTask, TeacherTask, TrainBatch, build_task
+
+
+def _task(cfg, stage, manifest, teacher=None, teacher_inputs=None):
+    """The task the loop would build for ``stage`` (the shard directory is not read here)."""
+    if teacher:
+        cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"teacher": teacher})})
+    plan = plan_stage(cfg, stage, "unused-shards").with_teacher_inputs(teacher_inputs)
+    return build_task(cfg, plan, manifest, torch.device("cpu"))
 
 CLASSES = 3
 
@@ -107,8 +116,8 @@ def test_student_replays_view_e_mod_k_without_a_teacher(shards, tmp_path):
 
     train = load_split(shards["dir"], "train")
     manifest = {"num_classes": CLASSES, "image_size": 48}
-    task = DeitTask(cfg, manifest, torch.device("cpu"), teacher, path)
-    assert task.teacher is None and task.builds_inputs
+    task = _task(cfg, "distill", manifest, teacher, path)
+    assert isinstance(task, DeitTask) and task.teacher is None and task.views is not None
     order = list(reversed(range(len(train))))  # a worker's rows need not be in the store's order
     task.bind_train_part([train.paths[i] for i in order], torch.device("cpu"))
     seen = {}
@@ -117,7 +126,7 @@ def test_student_replays_view_e_mod_k_without_a_teacher(shards, tmp_path):
     task.model.eval()  # batch statistics of two images would differ between the step and the reference
     for epoch in (0, 1, 2):
         task.start_epoch(epoch)
-        out = task.train_step_from(task.model, images, labels, torch.tensor([0, 3]), None, False)
+        out = task.train_step(task.model, TrainBatch(images, labels, torch.tensor([0, 3]), None))
         k, rows = epoch % 2, torch.tensor([order[0], order[3]])
         expected = augment.render_views(train.images, rows, store["boxes"][rows, k], store["flips"][rows, k], 24,
                                         task.mean, task.std)
@@ -131,13 +140,13 @@ def test_a_student_without_distillation_token_gets_hintons_kd(tmp_path):
     teacher = _save_teacher(tmp_path / "t", input_size=24)
     cfg = load_config(None, ["data.image_size=32", "train.crop_size=24", "distill.student=resnet10t", "distill.type=soft",
                              "distill.alpha=0.3", "distill.temperature=2.0", "distill.label_smoothing=0.0"])
-    task = DeitTask(cfg, {"num_classes": CLASSES, "image_size": 32}, torch.device("cpu"), teacher)
+    task = _task(cfg, "distill", {"num_classes": CLASSES, "image_size": 32}, teacher)
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     task.model.eval()  # deterministic forward for the reference
     inputs = {}
     task.model.register_forward_pre_hook(lambda m, args: inputs.__setitem__("s", args[0].detach().clone()))
-    out = task.train_step_from(task.model, images, labels, torch.arange(6), torch.Generator().manual_seed(2), False)
+    out = task.train_step(task.model, TrainBatch(images, labels, torch.arange(6), torch.Generator().manual_seed(2)))
     s = task.model(inputs["s"]).detach()
     t = task.teacher.logits(inputs["s"])
     expected = 0.7 * F.cross_entropy(s, labels) + 0.3 * losses.soft_kl(s, t, 2.0)
@@ -146,7 +155,8 @@ def test_a_student_without_distillation_token_gets_hintons_kd(tmp_path):
 
 def test_partial_teacher_trains_only_its_last_block_groups():
     cfg = load_config(None, ["teacher.model=tf_efficientnet_lite0", "teacher.mode=partial", "teacher.train_blocks=2"])
-    task = TeacherTask(cfg, {"num_classes": CLASSES}, torch.device("cpu"))
+    task = _task(cfg, "teacher", {"num_classes": CLASSES, "image_size": 32})
+    assert isinstance(task, TeacherTask)
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
                  for n, p in task.model.named_parameters() if p.requires_grad}
     # Lite0's coarse groups: stem, blocks.0 .. blocks.6 (+ conv_head/bn2 with the last), classifier
@@ -157,5 +167,5 @@ def test_partial_teacher_trains_only_its_last_block_groups():
     groups = task.optimizer_target(task.model)
     assert [g["lr_scale"] for g in groups] == [cfg.teacher.backbone_lr_scale, 1.0]
     head = load_config(None, ["teacher.model=tf_efficientnet_lite0", "teacher.mode=head"])
-    head_task = TeacherTask(head, {"num_classes": CLASSES}, torch.device("cpu"))
+    head_task = _task(head, "teacher", {"num_classes": CLASSES, "image_size": 32})
     assert {n for n, p in head_task.model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}

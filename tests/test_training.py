@@ -32,9 +32,8 @@ def small_config(out, *extra):
 def trained(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("train")
     cfg = small_config(out)
-    from pipeline.cli import write_stage_result
 
-    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+    preprocess(cfg, log=lambda *_: None)
     with tracked(cfg, "run") as tracker:
         teacher = run_training_stage(cfg, "teacher", tracker)
         student = run_training_stage(cfg, "distill", tracker)

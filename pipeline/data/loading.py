@@ -2,8 +2,7 @@
 
 Flowers datasets are a few thousand images, so a worker reads its part of a split once, straight
 from Parquet with pyarrow, into one uint8 N x H x W x 3 tensor (moved to the GPU when there is
-one) and never decodes again. :func:`stream_split` keeps a Ray Data path for data that does not
-fit in memory.
+one) and never decodes again.
 """
 
 from __future__ import annotations
@@ -122,20 +121,3 @@ def load_split(
         torch.from_numpy(labels).to(device),
         [str(p) for p in paths[order]],
     )
-
-
-def stream_split(shard_dir: str, split: str):
-    """A Ray Data dataset over ``split`` (columns image, label, path) for data that does not fit in memory."""
-    import ray
-
-    manifest = read_manifest(shard_dir)
-    shape = tuple(manifest["image_shape"])
-
-    def to_arrays(batch):
-        return {
-            "image": np.stack([np.frombuffer(b, dtype=np.uint8).reshape(shape) for b in batch["image"]]),
-            "label": batch["label"].astype(np.int64),
-        }
-
-    fs, path = storage.resolve(storage.join(shard_dir, split))
-    return ray.data.read_parquet(path, filesystem=fs).map_batches(to_arrays, batch_format="numpy")

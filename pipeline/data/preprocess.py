@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import PipelineConfig, fingerprint, to_dict, to_yaml
+from pipeline.config import ConfigError, PipelineConfig, fingerprint, to_dict, to_yaml
 from pipeline.data.images import load_image
 from pipeline.data.sources import SPLITS, DataError, SourceListing, resolve_source
 
@@ -238,9 +238,11 @@ def _build(cfg: PipelineConfig, listing: SourceListing, dest: str, fp: str, log,
 
 
 def _result(cfg: PipelineConfig, dest: str, manifest: dict, reused: bool, seconds: float) -> dict[str, Any]:
+    """The stage result, also saved as ``<output_dir>/preprocess/result.json`` (with the resolved
+    config beside it): the training stages find their shards through it (:func:`built_shards`)."""
     if sum(manifest["split_sizes"].values()) == 0:
         raise DataError(f"no image in {manifest['source']['root']} could be decoded; see 'skipped' in {dest}/manifest.json")
-    return {
+    result = {
         "stage": "preprocess",
         "shard_dir": dest,
         "manifest": storage.join(dest, "manifest.json"),
@@ -251,3 +253,16 @@ def _result(cfg: PipelineConfig, dest: str, manifest: dict, reused: bool, second
         "num_skipped": manifest["num_skipped"],
         "seconds": round(seconds, 2),
     }
+    stage_dir = storage.join(storage.abspath(cfg.output_dir), "preprocess")
+    result["result_file"] = storage.join(stage_dir, "result.json")
+    storage.write_text(storage.join(stage_dir, "config.yaml"), to_yaml(cfg))
+    storage.write_json(result["result_file"], result)
+    return result
+
+
+def built_shards(cfg: PipelineConfig) -> str:
+    """The shards the preprocess stage produced for this config's output directory (run it first)."""
+    result_path = storage.join(storage.abspath(cfg.output_dir), "preprocess", "result.json")
+    if not storage.exists(result_path):
+        raise ConfigError(f"no preprocessed data in {cfg.output_dir}: run `python -m pipeline preprocess` (or `run`) with this config first")
+    return storage.read_json(result_path)["shard_dir"]

@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -20,28 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import checkpoints
-from pipeline.config import PipelineConfig, TrainConfig, stage_train
-from pipeline.data import augment
+from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.data.batches import batch_for_eval
+from pipeline.data.loading import SplitTensors as Split
 from pipeline.data.loading import load_split, read_manifest
 from pipeline.models import prefers_channels_last
-from pipeline.train.steps import build_task, effective_lr, unwrap
-
-
-def batch_for_training(images, idx, tcfg: TrainConfig, crop: int, mean, std, gen, channels_last: bool) -> torch.Tensor:
-    """Images ``idx`` of the stored uint8 tensor -> an augmented, normalised float batch."""
-    if tcfg.augment == "crop_flip":
-        return augment.to_float(augment.random_crop_flip(images, crop, index=idx, generator=gen), mean, std, channels_last)
-    x = augment.to_float(images[idx], mean, std, channels_last)
-    if tcfg.augment == "inception":
-        return augment.random_resized_crop(x, crop, scale=tuple(tcfg.inception_scale), generator=gen)
-    return augment.resize(x, crop)
-
-
-def batch_for_eval(images, tcfg: TrainConfig, crop: int, mean, std, channels_last: bool = False) -> torch.Tensor:
-    """Stored uint8 images -> the evaluation input: resized (Keras DeiT) or centre-cropped to ``crop``."""
-    if tcfg.eval_transform == "center_crop":
-        return augment.to_float(augment.center_crop(images, crop), mean, std, channels_last)
-    return augment.resize(augment.to_float(images, mean, std, channels_last), crop)
+from pipeline.plan import StagePlan
+from pipeline.train.steps import Task, TrainBatch, build_task, effective_lr, unwrap
 
 
 def _seed_for(seed: int, epoch: int, rank: int) -> int:
@@ -73,9 +58,9 @@ class LoopContext:
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
     log_metrics: Callable[[dict[str, float], int], None] | None = None
     print_fn: Callable[[str], None] = print
-    # Fault injection for the reliability tests: {"epoch": k, "marker": path} kills this worker
-    # process once, right after epoch k was reported (the marker file makes it happen only once).
-    fault: dict[str, Any] | None = None
+    # Called as after_epoch(epoch, rank) once an epoch is reported: the reliability tests kill a
+    # worker from here; production passes nothing.
+    after_epoch: Callable[[int, int], None] | None = None
 
 
 def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, world: int, batch: int = 256) -> dict[str, float]:
@@ -94,14 +79,14 @@ def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, w
             out = task.eval_outputs(model, x)
         if sums is None:
             keys = ["count", "loss"] + [f"correct:{k}" for k in out] + (["agree"] if "teacher" in out else [])
-            keys += ["kl"] if "teacher" in out and hasattr(task, "kl") else []
+            keys += ["kl"] if "teacher" in out and task.reports_kl else []
             sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
         vals = [float(len(y)), F.cross_entropy(out["logits"].float(), y, reduction="sum").double() if len(y) else 0.0]
         vals += [(out[k].argmax(-1) == y).sum().double() for k in out]
         if "teacher" in out:
             vals.append((out["logits"].argmax(-1) == out["teacher"].argmax(-1)).sum().double())
         if "kl" in keys:  # the distillation loss on un-mixed validation images
-            vals.append(task.kl(out["logits"].float(), out["teacher"]).double() * len(y) if len(y) else 0.0)
+            vals.append(task.eval_kl(out["logits"].float(), out["teacher"]).double() * len(y) if len(y) else 0.0)
         sums += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in vals])
         pred = out["logits"].argmax(-1)
         confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).double()
@@ -117,159 +102,211 @@ def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, w
     return metrics
 
 
-def run_loop(cfg: PipelineConfig, stage: str, shard_dir: str, ctx: LoopContext, teacher_source: str | None = None,
-             teacher_cache: str | None = None) -> None:
-    """Train ``stage`` on this worker's part of the data; report every epoch, checkpoint every k."""
-    tcfg = stage_train(cfg, stage)
-    device, rank, world = ctx.device, ctx.rank, ctx.world
-    manifest = read_manifest(shard_dir)
-    crop = tcfg.crop_size or manifest["image_size"]
+@dataclass
+class _Run:
+    """The state of one worker's training run, built by :func:`_start`."""
+
+    plan: StagePlan
+    tcfg: TrainConfig
+    task: Task
+    model: torch.nn.Module
+    train: Split
+    val: Split
+    manifest: dict[str, Any]
+    crop: int
+    channels_last: bool
+    per_worker: int  # batch size on this worker
+    steps_per_epoch: int
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    amp_dtype: torch.dtype | None
+    params: list[torch.nn.Parameter]
+    meta: dict[str, Any]  # what every checkpoint's meta.json starts from
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch; travels inside every checkpoint
+
+    @property
+    def epochs(self) -> int:
+        return self.task.opt_cfg.epochs
+
+    def autocast(self):
+        device = self.train.images.device
+        return torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
+
+
+def run_loop(cfg: PipelineConfig, plan: StagePlan, ctx: LoopContext) -> None:
+    """Train the planned stage on this worker's part of the data; report every epoch, checkpoint every k."""
+    run = _start(cfg, plan, ctx)
+    # A resumed run that had already finished reports its final state again without training.
+    rerun_last = run.start_epoch >= run.epochs
+    last_val: dict[str, Any] = {}
+    pending_logs: list[tuple[dict[str, float], int]] = []
+    for epoch in range(min(run.start_epoch, run.epochs - 1), run.epochs):
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=ctx.device)
+        gen.manual_seed(_seed_for(run.tcfg.seed, epoch, ctx.rank))
+        torch.manual_seed(_seed_for(run.tcfg.seed, epoch, ctx.rank) + 1)
+        run.task.start_epoch(epoch)
+        metrics, diverged = _train_epoch(run, ctx, epoch, gen, skip=rerun_last)
+        if diverged:
+            # Every rank sees the summed count, so all stop together; nothing of this epoch is logged,
+            # checkpointed or published, and the driver turns the report into a clear error.
+            ctx.report(diverged, None)
+            return
+        last_epoch = epoch + 1 == run.epochs
+        do_ckpt = last_epoch or (epoch + 1) % run.tcfg.checkpoint_every == 0
+        if do_ckpt or (epoch + 1) % run.tcfg.eval_every == 0 or not last_val:
+            run.model.eval()
+            with run.autocast():
+                last_val = evaluate(run.task, run.model, run.val, run.tcfg, run.crop, run.manifest["num_classes"], ctx.world)
+        metrics.update({k: v for k, v in last_val.items() if not k.startswith("_")})
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        if ctx.rank == 0:
+            ctx.print_fn(f"[{plan.stage}] epoch {epoch + 1}/{run.epochs} loss {metrics['train_loss']:.4f} "
+                         f"acc {metrics['train_acc']:.3f} val_acc {metrics.get('val_acc', float('nan')):.3f} "
+                         f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s")
+        pending_logs.append(({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1))
+        run.history = [h for h in run.history if h["epoch"] < epoch + 1] + [dict(metrics)]
+        if do_ckpt:
+            # MLflow gets an epoch's metrics only once a checkpoint covers it: a restart re-runs the
+            # epochs after the last checkpoint, and their metrics must not be logged twice.
+            if ctx.rank == 0 and ctx.log_metrics:
+                for m, step in pending_logs:
+                    ctx.log_metrics(m, step)
+            pending_logs = []
+            _checkpoint_and_report(run, ctx, epoch, gen, metrics, last_val)
+        else:
+            ctx.report(metrics, None)
+        if ctx.after_epoch:
+            ctx.after_epoch(epoch + 1, ctx.rank)
+
+
+def _start(cfg: PipelineConfig, plan: StagePlan, ctx: LoopContext) -> _Run:
+    """Build the task, load this worker's data, size the schedule, create the optimiser; resume if asked."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    tcfg = plan.train_config(cfg)
+    device, world = ctx.device, ctx.world
+    manifest = read_manifest(plan.shard_dir)
     torch.manual_seed(_seed_for(tcfg.seed, -1, 0))  # same initial weights on every rank
-    task = build_task(stage, cfg, manifest, device, teacher_source, teacher_cache)
+    task = build_task(cfg, plan, manifest, device)
     ocfg = task.opt_cfg
     model = task.model.to(device)
     channels_last = tcfg.channels_last == "on" or (tcfg.channels_last == "auto" and prefers_channels_last(model, device))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-
-    train = load_split(shard_dir, "train", rank, world, device)
-    val = load_split(shard_dir, "val", rank, world, device)
+    train = load_split(plan.shard_dir, "train", ctx.rank, world, device)
+    val = load_split(plan.shard_dir, "val", ctx.rank, world, device)
     task.bind_train_part(train.paths, device)
     n_train = manifest["split_sizes"]["train"]
-    per_worker = max(1, ocfg.batch_size // world)
-    per_worker = min(per_worker, max(1, n_train // world))
+    per_worker = min(max(1, ocfg.batch_size // world), max(1, n_train // world))
     steps_per_epoch = max(1, (n_train // world) // per_worker)  # equal on every rank (DDP needs that)
-    total_steps = steps_per_epoch * ocfg.epochs
-
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
 
     lr = effective_lr(ocfg)
     optimizer = create_optimizer_v2(task.optimizer_target(model), opt=ocfg.optimizer, lr=lr, weight_decay=ocfg.weight_decay)
     warmup = ocfg.warmup_steps if ocfg.warmup_steps is not None else int(round(ocfg.warmup_epochs * steps_per_epoch))
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(1, total_steps), lr_min=ocfg.min_lr, warmup_t=warmup,
-        warmup_lr_init=lr * 1e-3 if warmup else lr, t_in_epochs=False,
-    )
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, steps_per_epoch * ocfg.epochs), lr_min=ocfg.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=lr * 1e-3 if warmup else lr, t_in_epochs=False)
     amp_dtype = _amp_dtype(tcfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start_epoch, global_step = 0, 0
-    history: list[dict[str, float]] = []  # one row per epoch; travels inside every checkpoint
-    if ctx.resume_dir:
-        history = checkpoints.read_meta(ctx.resume_dir).get("history", [])
-        model.load_state_dict(torch.load(os.path.join(ctx.resume_dir, checkpoints.MODEL_FILE), map_location=device, weights_only=True))
-        state = checkpoints.load_train_state(ctx.resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        ctx.print_fn(f"[{stage}] resuming after epoch {state['epoch'] + 1} (step {global_step})")
-    model = ctx.prepare_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    meta = {**task.meta, "stage": stage, "class_names": manifest["class_names"], "num_classes": manifest["num_classes"],
+    crop = task.crop
+    meta = {**task.meta, "stage": plan.stage, "class_names": manifest["class_names"], "num_classes": manifest["num_classes"],
             "image_size": manifest["image_size"], "resize_mode": manifest["resize_mode"], "input_size": crop,
             "eval_transform": tcfg.eval_transform}
-    last_val: dict[str, float] = {}
-    pending_logs: list[tuple[dict[str, float], int]] = []
-    # A resumed run that had already finished reports its final state again without training.
-    rerun_last = start_epoch >= ocfg.epochs
-    start_epoch = min(start_epoch, ocfg.epochs - 1)
+    run = _Run(plan, tcfg, task, model, train, val, manifest, crop, channels_last, per_worker, steps_per_epoch,
+               optimizer, scheduler, scaler, amp_dtype, [], meta)
+    if ctx.resume_dir:
+        _resume(run, ctx)
+    run.model = ctx.prepare_model(run.model)
+    run.params = [p for p in run.model.parameters() if p.requires_grad]
+    return run
 
-    for epoch in range(start_epoch, ocfg.epochs):
-        t0 = time.perf_counter()
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_seed_for(tcfg.seed, epoch, rank))
-        torch.manual_seed(_seed_for(tcfg.seed, epoch, rank) + 1)
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, non-finite steps
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step here (no sync per step)
-        parts: dict[str, torch.Tensor] = {}
-        task.start_epoch(epoch)
-        if not rerun_last:
-            task.set_train_mode(model)
-            order = torch.randperm(len(train), generator=gen, device=device)
-            for step in range(steps_per_epoch):
-                idx = order[(step * per_worker) % max(len(train), 1) :][:per_worker]
-                y = train.labels[idx]
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    if task.builds_inputs:  # function matching, replayed teacher views
-                        out = task.train_step_from(model, train.images, train.labels, idx, gen, channels_last)
-                    else:
-                        x = batch_for_training(train.images, idx, tcfg, crop, task.mean, task.std, gen, channels_last)
-                        out = task.train_step(model, x, y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out["loss"]).backward()
-                if ocfg.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, ocfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                global_step += 1
-                scheduler.step_update(num_updates=global_step)
-                b = float(len(y))
-                target = out.get("target", y)
-                finite = torch.isfinite(out["loss"].detach())
-                first_bad = torch.where(finite | (first_bad >= 0), first_bad, torch.full_like(first_bad, step))
-                sums += torch.stack([out["loss"].detach().double() * b, (out["logits"].argmax(-1) == target).sum().double(),
-                                     torch.tensor(b, dtype=torch.float64, device=device), (~finite).double()])
-                for k, v in out.items():
-                    if k.startswith("loss_"):
-                        parts[k] = parts.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.double() * b
-        keys = sorted(parts)
-        packed = _all_reduce(torch.cat([sums, torch.stack([parts[k] for k in keys]) if keys else sums[:0]]), world).cpu()
-        train_time = time.perf_counter() - t0
-        n = max(packed[2].item(), 1.0)
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": packed[0].item() / n, "train_acc": packed[1].item() / n,
-                                   "lr": optimizer.param_groups[-1]["lr"], "images_per_s": packed[2].item() / max(train_time, 1e-9)}
-        metrics.update({f"train_{k}": packed[4 + i].item() / n for i, k in enumerate(keys)})
-        if packed[3].item() > 0:
-            # Every rank sees the summed count, so all stop together; nothing of this epoch is logged,
-            # checkpointed or published, and the driver turns the report into a clear error.
-            bad_step = int(first_bad.item())
-            ctx.report({"epoch": epoch + 1, "diverged": 1.0, "nonfinite_steps": packed[3].item(),
-                        "first_nonfinite_step": float(bad_step + 1 if bad_step >= 0 else -1)}, None)
-            return
-        last_epoch = epoch + 1 == ocfg.epochs
-        do_ckpt = last_epoch or (epoch + 1) % tcfg.checkpoint_every == 0
-        if last_epoch or do_ckpt or (epoch + 1) % tcfg.eval_every == 0 or not last_val:
-            model.eval()
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                last_val = evaluate(task, model, val, tcfg, crop, manifest["num_classes"], world)
-        metrics.update({k: v for k, v in last_val.items() if not k.startswith("_")})
-        metrics["epoch_time_s"] = time.perf_counter() - t0
-        if rank == 0:
-            ctx.print_fn(f"[{stage}] epoch {epoch + 1}/{ocfg.epochs} loss {metrics['train_loss']:.4f} "
-                         f"acc {metrics['train_acc']:.3f} val_acc {metrics.get('val_acc', float('nan')):.3f} "
-                         f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s")
-        pending_logs.append(({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1))
-        history = [h for h in history if h["epoch"] < epoch + 1] + [dict(metrics)]
-        if do_ckpt:
-            # MLflow gets an epoch's metrics only once a checkpoint covers it: a restart re-runs the
-            # epochs after the last checkpoint, and their metrics must not be logged twice.
-            if rank == 0 and ctx.log_metrics:
-                for m, step in pending_logs:
-                    ctx.log_metrics(m, step)
-            pending_logs = []
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt_dir = None
-                if rank == 0:
-                    train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "scaler": scaler.state_dict(), "epoch": epoch, "global_step": global_step,
-                                   "rng_torch": torch.get_rng_state(), "rng_augment": gen.get_state().cpu()}
-                    meta_now = {**meta, "epoch": epoch + 1, "val_acc": metrics.get("val_acc"), "confusion": last_val.get("_confusion"),
-                                "history": history}
-                    checkpoints.save(tmp, unwrap(model).state_dict(), meta_now, train_state)
-                    ckpt_dir = tmp
-                ctx.report(metrics, ckpt_dir)
-        else:
-            ctx.report(metrics, None)
-        if ctx.fault and ctx.fault["epoch"] == epoch + 1 and rank == ctx.fault.get("rank", 0) and not os.path.exists(ctx.fault["marker"]):
-            open(ctx.fault["marker"], "w").close()
-            ctx.print_fn(f"[{stage}] fault injection: killing worker {rank} after epoch {epoch + 1}")
-            # Optional pause so Ray's controller can collect the report first (a deterministic test).
-            time.sleep(float(ctx.fault.get("delay_s", 0)))
-            os._exit(1)
+
+def _resume(run: _Run, ctx: LoopContext) -> None:
+    """Weights, optimiser, schedule and history from the checkpoint Ray hands a restarted worker."""
+    run.history = checkpoints.read_meta(ctx.resume_dir).get("history", [])
+    weights = os.path.join(ctx.resume_dir, checkpoints.MODEL_FILE)
+    run.model.load_state_dict(torch.load(weights, map_location=ctx.device, weights_only=True))
+    state = checkpoints.load_train_state(ctx.resume_dir)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.start_epoch, run.global_step = state["epoch"] + 1, state["global_step"]
+    ctx.print_fn(f"[{run.plan.stage}] resuming after epoch {state['epoch'] + 1} (step {run.global_step})")
+
+
+def _train_epoch(run: _Run, ctx: LoopContext, epoch: int, gen: torch.Generator,
+                 skip: bool) -> tuple[dict[str, Any], dict[str, float] | None]:
+    """One pass over this worker's rows; returns (the epoch's training metrics, a divergence report or None).
+    Sums stay on the device until the epoch ends, then one all-reduce packs them all."""
+    device, task = ctx.device, run.task
+    t0 = time.perf_counter()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, non-finite steps
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step here (no sync per step)
+    parts: dict[str, torch.Tensor] = {}
+    if not skip:
+        task.set_train_mode(run.model)
+        order = torch.randperm(len(run.train), generator=gen, device=device)
+        for step in range(run.steps_per_epoch):
+            idx = order[(step * run.per_worker) % max(len(run.train), 1) :][: run.per_worker]
+            batch = TrainBatch(run.train.images, run.train.labels, idx, gen, run.channels_last)
+            out = _optimizer_step(run, batch)
+            b = float(len(idx))
+            finite = torch.isfinite(out["loss"].detach())
+            first_bad = torch.where(finite | (first_bad >= 0), first_bad, torch.full_like(first_bad, step))
+            correct = (out["logits"].argmax(-1) == out.get("target", batch.targets)).sum().double()
+            sums += torch.stack([out["loss"].detach().double() * b, correct,
+                                 torch.tensor(b, dtype=torch.float64, device=device), (~finite).double()])
+            for k, v in out.items():
+                if k.startswith("loss_"):
+                    parts[k] = parts.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.double() * b
+    keys = sorted(parts)
+    packed = _all_reduce(torch.cat([sums, torch.stack([parts[k] for k in keys]) if keys else sums[:0]]), ctx.world).cpu()
+    if packed[3].item() > 0:
+        bad_step = int(first_bad.item())
+        return {}, {"epoch": epoch + 1, "diverged": 1.0, "nonfinite_steps": packed[3].item(),
+                    "first_nonfinite_step": float(bad_step + 1 if bad_step >= 0 else -1)}
+    n = max(packed[2].item(), 1.0)
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": packed[0].item() / n, "train_acc": packed[1].item() / n,
+                               "lr": run.optimizer.param_groups[-1]["lr"],
+                               "images_per_s": packed[2].item() / max(time.perf_counter() - t0, 1e-9)}
+    metrics.update({f"train_{k}": packed[4 + i].item() / n for i, k in enumerate(keys)})
+    return metrics, None
+
+
+def _optimizer_step(run: _Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
+    """The task's forward and loss under autocast, then backward, clipping and the optimiser step."""
+    with run.autocast():
+        out = run.task.train_step(run.model, batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(out["loss"]).backward()
+    if run.task.opt_cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.params, run.task.opt_cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.global_step += 1
+    run.scheduler.step_update(num_updates=run.global_step)
+    return out
+
+
+def _checkpoint_and_report(run: _Run, ctx: LoopContext, epoch: int, gen: torch.Generator, metrics: dict[str, Any],
+                           last_val: dict[str, Any]) -> None:
+    """Rank 0 writes weights, training state and history; every rank reports (Ray needs all of them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = None
+        if ctx.rank == 0:
+            train_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                           "scaler": run.scaler.state_dict(), "epoch": epoch, "global_step": run.global_step,
+                           "rng_torch": torch.get_rng_state(), "rng_augment": gen.get_state().cpu()}
+            meta_now = {**run.meta, "epoch": epoch + 1, "val_acc": metrics.get("val_acc"), "confusion": last_val.get("_confusion"),
+                        "history": run.history}
+            checkpoints.save(tmp, unwrap(run.model).state_dict(), meta_now, train_state)
+            ckpt_dir = tmp
+        ctx.report(metrics, ckpt_dir)
 
 
 def _console_line(message: str) -> None:
@@ -316,8 +353,8 @@ def train_worker(config: dict[str, Any]) -> None:
     resume_dir = resume_ctx.__enter__() if resume_ctx else None
     try:
         ctx = LoopContext(rank, world, device, report, resume_dir, ray.train.torch.prepare_model,
-                          logger.log if logger else None, print_fn=_console_line, fault=config.get("fault"))
-        run_loop(cfg, config["stage"], config["shard_dir"], ctx, config.get("teacher_source"), config.get("teacher_cache"))
+                          logger.log if logger else None, print_fn=_console_line, after_epoch=config.get("after_epoch"))
+        run_loop(cfg, config["plan"], ctx)
     finally:
         if resume_ctx:
             resume_ctx.__exit__(None, None, None)

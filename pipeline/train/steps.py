@@ -4,6 +4,8 @@ and the evaluation outputs. Each step returns a dict of named tensors; logging h
 from __future__ import annotations
 
 import io
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,21 +13,70 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline import checkpoints, losses, storage
-from pipeline.config import OptimConfig, PipelineConfig, stage_train
+from pipeline.config import OptimConfig, PipelineConfig
 from pipeline.data import augment
-from pipeline.models import build_student, build_teacher, has_distillation_head, prefers_channels_last
+from pipeline.data.batches import batch_for_training
+from pipeline.models import build_student, build_teacher, has_distillation_head, head_logits, prefers_channels_last
+from pipeline.plan import StageKind, StagePlan
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-class Task:
-    """The interface the loop drives. ``builds_inputs``: the task turns stored images into its own
-    inputs (``train_step_from``) instead of receiving an augmented batch (``train_step``)."""
+@dataclass
+class TrainBatch:
+    """One training step's share of this worker's data: the rows ``idx`` of its stored uint8 images.
+    Each task turns them into its own inputs (an augmented batch, a recorded view, a mixed-up pair)."""
 
-    name = "distill"
-    builds_inputs = False
+    images: torch.Tensor  # (N, H, W, C) uint8, this worker's part of the split, on its device
+    labels: torch.Tensor
+    idx: torch.Tensor
+    generator: torch.Generator | None
+    channels_last: bool = False
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.labels[self.idx]
+
+
+class Task(ABC):
+    """What the loop drives; one subclass per :class:`~pipeline.plan.StageKind` (see :data:`TASKS`).
+
+    A task owns its model and everything that differs between stages: the trainable parameters,
+    the inputs of a step, the step itself (a dict of named tensors: ``loss``, ``logits``, optional
+    ``target`` and ``loss_*`` parts) and the outputs evaluated on validation images.
+    """
+
+    def __init__(self, cfg: PipelineConfig, plan: StagePlan, manifest: dict[str, Any]):
+        self.cfg, self.plan = cfg, plan
+        self.opt_cfg: OptimConfig = plan.section(cfg)
+        self.tcfg = plan.train_config(cfg)
+        self.crop = self.tcfg.crop_size or manifest["image_size"]
+        self.model: nn.Module
+        self.meta: dict[str, Any]
+        self.mean: list[float]
+        self.std: list[float]
+
+    #: whether :meth:`eval_kl` gives the distillation loss (validation then reports ``val_kl``)
+    reports_kl = False
+
+    @abstractmethod
+    def train_step(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Forward and loss for one batch (the loop does backward and the optimiser step)."""
+
+    @abstractmethod
+    def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logits`` (and per-head ``logits_*``, ``teacher``) for an evaluation batch."""
+
+    def eval_kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        """The distillation loss on un-mixed validation images, for tasks trained on it."""
+        return None
+
+    def augmented(self, batch: TrainBatch) -> torch.Tensor:
+        """The training batch under ``train.augment``, normalised the model's way."""
+        return batch_for_training(batch.images, batch.idx, self.tcfg, self.crop, self.mean, self.std, batch.generator,
+                                  batch.channels_last)
 
     def optimizer_target(self, model: nn.Module):
         return unwrap(model)
@@ -75,11 +126,9 @@ class TeacherTask(Task):
     """Fine-tune an ImageNet model: a new head on a frozen backbone, the last block groups too
     (``partial``), or everything (``full``)."""
 
-    name = "teacher"
-
-    def __init__(self, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device):
+    def __init__(self, cfg: PipelineConfig, plan: StagePlan, manifest: dict[str, Any], device: torch.device):
+        super().__init__(cfg, plan, manifest)
         t = cfg.teacher
-        self.cfg, self.opt_cfg = cfg, t
         self.model, self.meta = build_teacher(t.model, t.pretrained, manifest["num_classes"])
         self.mode = t.mode
         self.frozen: list[nn.Module] = []
@@ -122,9 +171,9 @@ class TeacherTask(Task):
         for bn in self.frozen:
             bn.eval()
 
-    def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.opt_cfg.label_smoothing)
+    def train_step(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        logits = model(self.augmented(batch))
+        loss = F.cross_entropy(logits, batch.targets, label_smoothing=self.opt_cfg.label_smoothing)
         return {"loss": loss, "logits": logits.detach()}
 
     @torch.no_grad()
@@ -165,11 +214,9 @@ class DeitTask(Task):
     are replayed from the label step and no teacher is loaded.
     """
 
-    def __init__(self, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str | None,
-                 views_path: str | None = None):
+    def __init__(self, cfg: PipelineConfig, plan: StagePlan, manifest: dict[str, Any], device: torch.device):
+        super().__init__(cfg, plan, manifest)
         d = cfg.distill
-        self.cfg, self.opt_cfg, self.tcfg = cfg, d, stage_train(cfg, "distill")
-        self.crop = self.tcfg.crop_size or manifest["image_size"]
         self.model, self.meta = build_student(d.student, d.student_pretrained, manifest["num_classes"], self.crop, d.drop_path)
         self.distilled = has_distillation_head(self.model)
         if self.distilled:
@@ -177,13 +224,12 @@ class DeitTask(Task):
         self.mean, self.std = self.meta["mean"], self.meta["std"]
         self.teacher: FrozenTeacher | None = None
         self.views: TeacherViews | None = None
-        if d.type != "none" and d.teacher_views:
-            if views_path is None:
+        if plan.uses_teacher and d.teacher_views:
+            if plan.teacher_inputs is None:
                 raise ValueError("distill.teacher_views > 0 needs the label step's views")
-            self.views = TeacherViews(views_path)
-        elif d.type != "none":
-            self.teacher = FrozenTeacher(teacher_source, device, self.mean, self.std)
-        self.builds_inputs = d.type != "none"
+            self.views = TeacherViews(plan.teacher_inputs)
+        elif plan.uses_teacher:
+            self.teacher = FrozenTeacher(plan.teacher, device, self.mean, self.std)
         self.teacher_size = d.teacher_input_size or (self.teacher.input_size if self.teacher else self.crop)
         self.epoch = 0
 
@@ -202,11 +248,10 @@ class DeitTask(Task):
         parts["logits"] = ((cls + dist) / 2).detach()
         return parts
 
-    def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._loss(model, x, y, None)
-
-    def train_step_from(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, gen,
-                        channels_last: bool) -> dict[str, torch.Tensor]:
+    def train_step(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        if self.teacher is None and self.views is None:  # the baseline: labels only
+            return self._loss(model, self.augmented(batch), batch.targets, None)
+        images, idx, gen, channels_last = batch.images, batch.idx, batch.generator, batch.channels_last
         if self.views is not None:
             boxes, flips, t = self.views.view(idx, self.epoch % self.views.num_views)
         else:
@@ -220,23 +265,28 @@ class DeitTask(Task):
                 images, idx, boxes, flips, self.teacher_size, self.mean, self.std,
                 augment.view_mode(kind, self.crop, self.teacher_size), channels_last)
             t = self.teacher.logits(xt)
-        return self._loss(model, x, labels[idx], t)
+        return self._loss(model, x, batch.targets, t)
 
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        m = unwrap(model)
-        out: dict[str, torch.Tensor] = {}
-        if self.distilled:
-            feats = m.forward_features(x)
-            out["logits_cls"] = m.head(feats[:, 0])
-            out["logits_dist"] = m.head_dist(feats[:, 1])
-            out["logits"] = (out["logits_cls"] + out["logits_dist"]) / 2  # DeiT: the average of both heads
-        else:
-            out["logits"] = m(x)
+        out = head_logits(unwrap(model), x)
         if self.teacher is not None:
             xt = x if self.teacher_size == self.crop else augment.resize(x, self.teacher_size)
             out["teacher"] = self.teacher.logits(xt)
         return out
+
+
+@dataclass
+class FunMatchInputs:
+    """One batch as function matching feeds it: the student's input, the teacher's (None when its
+    logits come from the fixed-teacher cache), and how they were drawn."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor | None
+    student_boxes: torch.Tensor
+    teacher_boxes: torch.Tensor | None = None
+    mixup_lambda: torch.Tensor | None = None
+    cached_logits: torch.Tensor | None = None
 
 
 class FunMatchTask(Task):
@@ -251,25 +301,20 @@ class FunMatchTask(Task):
       sees random crops.
     """
 
-    builds_inputs = True
-
-    def __init__(self, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str,
-                 teacher_cache: str | None = None):
+    def __init__(self, cfg: PipelineConfig, plan: StagePlan, manifest: dict[str, Any], device: torch.device):
+        super().__init__(cfg, plan, manifest)
         d = cfg.distill
-        self.cfg, self.opt_cfg, self.teaching = cfg, d, d.teaching
-        self.tcfg = stage_train(cfg, "distill")
-        self.crop = self.tcfg.crop_size or manifest["image_size"]
+        self.teaching = d.teaching
         self.model, self.meta = build_student(d.student, d.student_pretrained, manifest["num_classes"], self.crop, d.drop_path)
         self.mean, self.std = self.meta["mean"], self.meta["std"]
-        self.teacher = FrozenTeacher(teacher_source, device, self.mean, self.std)
+        self.teacher = FrozenTeacher(plan.teacher, device, self.mean, self.std)
         self.cached: dict[str, torch.Tensor] | None = None
         if self.teaching == "fixed_teacher":
-            if teacher_cache is None:
+            if plan.teacher_inputs is None:
                 raise ValueError("fixed_teacher needs the cached teacher logits")
-            cache = torch.load(io.BytesIO(storage.read_bytes(teacher_cache)), map_location="cpu", weights_only=True)
+            cache = torch.load(io.BytesIO(storage.read_bytes(plan.teacher_inputs)), map_location="cpu", weights_only=True)
             self.cached = {"paths": cache["paths"], "logits": cache["logits"]}
         self.part_logits: torch.Tensor | None = None
-        self.record: list[dict[str, torch.Tensor]] | None = None  # tests set a list to see what each model got
 
     def bind_train_part(self, paths: list[str], device: torch.device) -> None:
         """fixed_teacher: line the cached logits up with this worker's rows of the training split."""
@@ -280,39 +325,37 @@ class FunMatchTask(Task):
                 raise ValueError(f"teacher cache lacks {len(missing)} training images (e.g. {missing[0]}); rebuild it")
             self.part_logits = self.cached["logits"][[row[p] for p in paths]].to(device)
 
-    def kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    reports_kl = True
+
+    def eval_kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         d = self.opt_cfg
         return losses.soft_kl(student_logits, teacher_logits, d.temperature, d.kl_t2_scale)
 
-    def train_inputs(self, images: torch.Tensor, idx: torch.Tensor, gen: torch.Generator | None, channels_last: bool = False):
-        """(student input, teacher input or None, cached teacher logits or None) for rows ``idx``."""
-        d, scale = self.opt_cfg, tuple(self.tcfg.inception_scale)
-        base = augment.to_float(images[idx], self.mean, self.std, channels_last)
-        boxes = augment.sample_crop_boxes(len(idx), base.shape[-2], base.shape[-1], scale, generator=gen, device=base.device)
+    def train_inputs(self, batch: TrainBatch) -> FunMatchInputs:
+        """What the student and the teacher get for this batch under ``distill.teaching``."""
+        d, scale, gen = self.opt_cfg, tuple(self.tcfg.inception_scale), batch.generator
+        base = augment.to_float(batch.images[batch.idx], self.mean, self.std, batch.channels_last)
+        boxes = augment.sample_crop_boxes(len(batch.idx), base.shape[-2], base.shape[-1], scale, generator=gen, device=base.device)
         x = augment.random_flip(augment.crop_resize_boxes(base, boxes, self.crop), gen)
-        record = {"idx": idx, "student_boxes": boxes}
-        x_teacher, cached = x, None
+        inputs = FunMatchInputs(student=x, teacher=x, student_boxes=boxes)
         if self.teaching == "function_matching":
-            lam = augment.sample_mixup_lambda(gen, base.device, fold=d.mixup_fold)
-            x = augment.mixup_rolled(x, lam, reverse=d.mixup_partner == "reverse")
-            x_teacher = x  # mixed once; both models get this very tensor
-            record["lambda"] = lam
+            inputs.mixup_lambda = lam = augment.sample_mixup_lambda(gen, base.device, fold=d.mixup_fold)
+            # mixed once; both models get this very tensor
+            inputs.student = inputs.teacher = augment.mixup_rolled(x, lam, reverse=d.mixup_partner == "reverse")
         elif self.teaching == "independent_noise":
-            tboxes = augment.sample_crop_boxes(len(idx), base.shape[-2], base.shape[-1], scale, generator=gen, device=base.device)
-            x_teacher = augment.random_flip(augment.crop_resize_boxes(base, tboxes, self.crop), gen)
-            record["teacher_boxes"] = tboxes
+            inputs.teacher_boxes = augment.sample_crop_boxes(len(batch.idx), base.shape[-2], base.shape[-1], scale, generator=gen,
+                                                             device=base.device)
+            inputs.teacher = augment.random_flip(augment.crop_resize_boxes(base, inputs.teacher_boxes, self.crop), gen)
         elif self.teaching == "fixed_teacher":
-            x_teacher, cached = None, self.part_logits[idx]
-        if self.record is not None:
-            self.record.append({**record, "student_input": x, "teacher_input": x_teacher})
-        return x, x_teacher, cached
+            inputs.teacher, inputs.cached_logits = None, self.part_logits[batch.idx]
+        return inputs
 
-    def train_step_from(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor, gen,
-                        channels_last: bool) -> dict[str, torch.Tensor]:
-        x, x_teacher, cached = self.train_inputs(images, idx, gen, channels_last)
-        t = cached if cached is not None else self.teacher.logits(x_teacher)
+    def train_step(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        inputs = self.train_inputs(batch)
+        x = inputs.student
+        t = inputs.cached_logits if inputs.cached_logits is not None else self.teacher.logits(inputs.teacher)
         s = model(x)
-        loss = self.kl(s, t)
+        loss = self.eval_kl(s, t)
         # Labels play no part; "accuracy" on training batches is agreement with the teacher.
         return {"loss": loss, "logits": s.detach(), "target": t.argmax(-1), "loss_kl": loss.detach()}
 
@@ -321,17 +364,14 @@ class FunMatchTask(Task):
         return {"logits": unwrap(model)(x), "teacher": self.teacher.logits(x)}
 
 
-def build_task(stage: str, cfg: PipelineConfig, manifest: dict[str, Any], device: torch.device, teacher_source: str | None = None,
-               teacher_cache: str | None = None) -> Task:
-    """The task for ``stage``; ``teacher_cache`` is the fixed-teacher logits (function matching) or
-    the label step's views (DeiT with ``teacher_views``)."""
-    if stage == "teacher":
-        return TeacherTask(cfg, manifest, device)
-    if stage == "distill" and cfg.distill.method == "funmatch":
-        return FunMatchTask(cfg, manifest, device, teacher_source, teacher_cache)
-    if stage == "distill":
-        return DeitTask(cfg, manifest, device, teacher_source, teacher_cache)
-    raise ValueError(f"unknown training stage {stage!r}")
+#: The task class of each stage kind; a new kind adds its class here.
+TASKS: dict[StageKind, type[Task]] = {StageKind.TEACHER: TeacherTask, StageKind.DEIT: DeitTask, StageKind.FUNMATCH: FunMatchTask}
+
+
+def build_task(cfg: PipelineConfig, plan: StagePlan, manifest: dict[str, Any], device: torch.device) -> Task:
+    """The task for ``plan``; its ``teacher_inputs`` are the fixed-teacher logits (function matching)
+    or the label stage's views (DeiT with ``teacher_views``)."""
+    return TASKS[plan.kind](cfg, plan, manifest, device)
 
 
 def effective_lr(opt_cfg: OptimConfig) -> float:

@@ -6,6 +6,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data.preprocess import preprocess
+from pipeline.plan import plan_stage
 from pipeline.train.loop import LoopContext, TrainingDiverged, check_diverged, run_loop
 
 
@@ -24,7 +25,7 @@ def test_diverging_loss_stops_before_any_checkpoint(ray_local, tmp_path):
     reports = []
     ctx = LoopContext(0, 1, torch.device("cpu"), lambda m, ckpt: reports.append((dict(m), ckpt)), print_fn=lambda *_: None)
     torch.set_num_threads(1)
-    run_loop(cfg, "teacher", shard_dir, ctx)
+    run_loop(cfg, plan_stage(cfg, "teacher", shard_dir), ctx)
     metrics, ckpt = reports[-1]
     assert metrics["diverged"] == 1.0 and ckpt is None
     assert all(c is None for _, c in reports)  # the loss went bad in the first epoch: nothing was checkpointed

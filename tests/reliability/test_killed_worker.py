@@ -1,19 +1,16 @@
 """A training worker killed mid-epoch: Ray Train restarts the group from the last checkpoint
 (``train.max_failures``), the run ends with every epoch, and MLflow holds each epoch exactly once."""
 
-import json
 import time
 
 from mlflow.tracking import MlflowClient
-
-from pipeline.cli import write_stage_result
 from pipeline.config import load_config
 from pipeline.data.preprocess import preprocess
 from pipeline.stages import run_training_stage
 from pipeline.tracking import tracked
 
 
-def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(ray_local, tmp_path, monkeypatch, capfd):
+def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(ray_local, tmp_path, capfd):
     base = load_config(None, ["data.synthetic.images_per_class=24", "data.synthetic.image_size=40", "data.image_size=32",
                               "data.val_fraction=0.25"])
     cfg = base.model_copy(update={
@@ -23,11 +20,21 @@ def test_killed_worker_restarts_from_last_checkpoint_and_logs_each_epoch_once(ra
         "train": base.train.model_copy(update={"max_failures": 1}),
         "distill": base.distill.model_copy(update={"type": "none", "epochs": 4, "batch_size": 16, "student": "resnet10t"}),
     })
-    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+    preprocess(cfg, log=lambda *_: None)
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv("PIPELINE_FAULT", json.dumps({"epoch": 3, "marker": str(marker), "rank": 1, "delay_s": 4}))
+
+    def kill_rank_1_after_epoch_3_once(epoch, rank, marker=str(marker)):
+        """Runs in the workers (pickled by value): the marker makes the kill happen only once."""
+        import os
+        import time
+
+        if epoch == 3 and rank == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(4)  # lets Ray's controller collect this epoch's report first (a deterministic test)
+            os._exit(1)
+
     with tracked(cfg, "distill") as tracker:
-        result = run_training_stage(cfg, "distill", tracker, log=lambda *_: None)
+        result = run_training_stage(cfg, "distill", tracker, log=lambda *_: None, after_epoch=kill_rank_1_after_epoch_3_once)
     assert marker.exists(), "the fault was not injected"
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
     client = MlflowClient(cfg.tracking.uri)

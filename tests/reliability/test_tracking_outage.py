@@ -8,10 +8,8 @@ import threading
 import warnings
 
 from mlflow.tracking import MlflowClient
-
-from pipeline.cli import write_stage_result
 from pipeline.data.preprocess import preprocess
-from pipeline.servers import start_mlflow_server, stop_server
+from tests.mlflow_servers import start_mlflow_server, stop_server
 from pipeline.stages import run_training_stage
 from pipeline.tracking import tracked
 from tests.conftest import free_port
@@ -27,7 +25,7 @@ def test_server_outage_mid_run_loses_no_metric_and_duplicates_none(ray_local, tm
     url = f"http://127.0.0.1:{port}"
     cfg = small_config(tmp_path, f"tracking.uri={url}", "tracking.experiment=outage", "ray.num_workers=1",
                        f"teacher.epochs={EPOCHS}", "teacher.mode=full")
-    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+    preprocess(cfg, log=lambda *_: None)
     outcome = {}
 
     def train():
@@ -83,7 +81,7 @@ def test_unreachable_tracking_server_does_not_stop_training(ray_local, tmp_path)
         port = s.getsockname()[1]
     cfg = small_config(tmp_path, f"tracking.uri=http://127.0.0.1:{port}", "ray.num_workers=1", "teacher.epochs=2",
                        "teacher.pretrained=none", "teacher.model=resnet10t", "teacher.mode=full", "data.synthetic.images_per_class=16")
-    write_stage_result(cfg, "preprocess", preprocess(cfg, log=lambda *_: None))
+    preprocess(cfg, log=lambda *_: None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with tracked(cfg, "teacher") as tracker:

@@ -25,7 +25,7 @@ smoke: $(STAMP)
 	$(PY) -m pipeline run --config configs/tf_flowers_smoke.yaml data.path=$(FLOWERS) \
 		tracking.uri=sqlite:///$(CURDIR)/outputs/tf_flowers_smoke/mlflow.db
 
-# The quality protocol on real photos (README, "Model quality"): about 75 min on 2 CPUs.
+# The quality protocol on real photos (docs/quality.md): 45-90 min on 2 CPUs, depending on the students.
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py --out outputs/quality --photos $(FLOWERS)
 

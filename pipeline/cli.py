@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, PipelineConfig, load_config, redact, to
 
 EPILOG = """overrides: any config key as dotted.key=value, e.g.
   data.source=tf_flowers data.path=../shared/datasets/flower_photos data.image_size=160
-Values are read as YAML (64 is an int, 0.1 a float, null is None). See README for every key."""
+Values are read as YAML (64 is an int, 0.1 a float, null is None). Every key: docs/configuration.md."""
 
 
 def result_file(stage: str, result: dict[str, Any]) -> str | None:
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "log to with tracking.uri=http://127.0.0.1:PORT. It has no authentication.")
     ms.add_argument("--store", default="mlflow-server", help="directory for its SQLite store and artifacts")
     ms.add_argument("--host", default="127.0.0.1",
-                    help="interface to bind; the server has no authentication, so keep 127.0.0.1 and tunnel (see README)")
+                    help="interface to bind; the server has no authentication, so keep 127.0.0.1 and tunnel (docs/reliability.md)")
     ms.add_argument("--port", type=int, default=5000)
     return parser
 

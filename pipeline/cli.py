@@ -42,8 +42,10 @@ def _print_training(result: dict[str, Any]) -> None:
         return
     ev = result["evaluation"].get("val", {})
     heads = "".join(f", {k} {v:.3f}" for k, v in ev.items() if k.startswith("top1_"))
-    print(f"{result['stage']}: best epoch {result['best_epoch']}, val top-1 {ev.get('top1', float('nan')):.3f}{heads}; "
-          f"model in {result['best_checkpoint']}; MLflow run {result['mlflow']['run_id']} ({result['mlflow']['tracking_uri']})")
+    m = result["mlflow"]
+    registered = f", registered {m['registered']} ({m['alias']})" if m.get("registered") else ""
+    print(f"{result.get('role', result['stage'])}: best epoch {result['best_epoch']}, val top-1 {ev.get('top1', float('nan')):.3f}{heads}; "
+          f"model in {result['best_checkpoint']}; MLflow run {m['run_id']}{registered}")
 
 
 def _training_stage(stage: str):
@@ -87,6 +89,10 @@ def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
         for stage in ("teacher", "distill"):
             results[stage] = run_training_stage(cfg, stage, tracker, force=stage in forced)
             _print_training(results[stage])
+        if cfg.distill.baseline and results["distill"]["role"] != "baseline":
+            # The same student without a teacher, same budget: what the distilled one is compared with.
+            results["baseline"] = run_training_stage(baseline_config(cfg), "distill", tracker, force="distill" in forced)
+            _print_training(results["baseline"])
         if cfg.tune.in_run:
             from pipeline.sweep import finished_sweep, run_sweep
 
@@ -96,31 +102,24 @@ def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
                 results["sweep"] = {**done, "skipped": True}
             else:
                 results["sweep"] = run_sweep(cfg, tracker, resume="sweep" not in forced, force="sweep" in forced)
-        results["mlflow"] = {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment, "parent_run_id": tracker.parent_id}
+        results["mlflow"] = {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment,
+                             "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id}
     # The run's own summary: what each stage produced (each stage also saved its own result).
     results["result_file"] = storage.join(storage.abspath(cfg.output_dir), "run", "result.json")
     storage.write_text(storage.join(storage.abspath(cfg.output_dir), "run", "config.yaml"), to_yaml(cfg))
     storage.write_json(results["result_file"], results)
-    _print_where(results)
+    from pipeline.summary import print_run_summary
+
+    print_run_summary(results, args)
     return results
 
 
-def _print_where(results: dict[str, Any]) -> None:
-    """Where every output and MLflow run of a `run` is (the job's last words in `ray job logs`)."""
-    rows = [("stage", "status", "output", "MLflow run")]
-    pre = results["preprocess"]
-    rows.append(("preprocess", "reused" if pre.get("reused") else "built", pre["shard_dir"], "-"))
-    for stage in ("teacher", "distill"):
-        r = results[stage]
-        rows.append((stage, "skipped" if r.get("skipped") else "trained", r["best_checkpoint"], r["mlflow"]["run_id"] or "-"))
-    if "sweep" in results:
-        r = results["sweep"]
-        rows.append(("sweep", "skipped" if r.get("skipped") else "swept", r["sweep_dir"], r["mlflow"]["parent_run_id"] or "-"))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
-    print("\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows))
-    m = results["mlflow"]
-    print(f"MLflow: {m['tracking_uri']} experiment {m['experiment']!r}, parent run {m['parent_run_id']}; "
-          f"browse it with `mlflow ui --backend-store-uri {m['tracking_uri']}`")
+def baseline_config(cfg: PipelineConfig) -> PipelineConfig:
+    """``distill.baseline``: the configured student trained on labels alone (``distill.type=none``)."""
+    # distill.baseline stays as it was, so that it does not show as a difference between the two runs.
+    d = cfg.distill.model_copy(update={"method": "deit", "type": "none", "name": None, "teacher_views": 0,
+                                       "teacher_input_size": None})
+    return cfg.model_copy(update={"distill": d})
 
 
 def _run_sweep(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -158,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); defaults: the embedded demo")
+        p.add_argument("--verbose", "-v", action="store_true",
+                       help="also show Ray's own lines: worker output, every report and checkpoint, controller start-up")
         if name == "report":
             from pipeline.report import add_arguments
 
@@ -170,18 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    ev = sub.add_parser("evaluate", help="top-1 and per-class accuracy of a model on a class-per-folder tree (JSON)",
-                        description="Top-1 and per-class accuracy of a published model on a class-per-folder tree, as JSON on "
-                                    "stdout. Images are decoded and fed exactly as in training (meta.json).")
+    ev = sub.add_parser("evaluate", help="top-1 and per-class accuracy of a model on a class-per-folder tree",
+                        description="Top-1 and per-class accuracy of a published model on a class-per-folder tree, as a table "
+                                    "(JSON with --json). Images are decoded and fed exactly as in training (meta.json). Exit 2 "
+                                    "when the model or the folder cannot be read.",
+                        epilog="examples:\n  python -m pipeline evaluate --model outputs/demo/distill/deit-soft/best "
+                               "--data outputs/demo/synthetic_source\n"
+                               "  python -m pipeline evaluate --model models:/demo-student@baseline --data photos/ --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", required=True,
                     help="checkpoint directory (e.g. outputs/demo/distill/deit-soft/best) or models:/NAME/VERSION")
     ev.add_argument("--data", required=True, help="class-per-folder tree whose folder names are the model's classes")
-    pr = sub.add_parser("predict", help="top classes for single images (JSON)",
-                        description="The top classes with probabilities for each image, as JSON on stdout; exit 2 if any "
-                                    "image could not be read (the others are still answered).")
+    pr = sub.add_parser("predict", help="top classes for single images",
+                        description="The top classes with probabilities for each image, as a table (JSON with --json); exit 2 "
+                                    "if any image could not be read (the others are still answered).",
+                        epilog="examples:\n  python -m pipeline predict --model outputs/demo/teacher/best flower.jpg other.png\n"
+                               "  python -m pipeline predict --model models:/demo-student@deit-soft --top-k 1 --json *.jpg",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("--model", required=True, help="checkpoint directory or models:/NAME/VERSION")
     pr.add_argument("--top-k", type=int, default=3)
     for p in (ev, pr):
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.add_argument("--tracking-uri", default=None,
                        help="MLflow store of a models:/ or runs:/ model (default: $MLFLOW_TRACKING_URI, else ./mlflow.db, as the pipeline logs)")
     pr.add_argument("images", nargs="+")
@@ -214,7 +224,10 @@ def _model_command(args: argparse.Namespace) -> int:
     except (CheckpointError, DataError, ModelStoreError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    print_json(out)
+    if args.json:
+        print_json(out)
+    else:
+        print(_evaluation_table(out) if args.stage == "evaluate" else _prediction_table(out))
     if args.stage == "predict":
         failed = [r for r in out if "error" in r]
         for r in failed:
@@ -262,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.sources import DataError
 
     from pipeline.config import BASE_DIR_ENV, base_dir, in_job_working_dir_copy
+    from pipeline.console import set_verbose
+
+    set_verbose(args.verbose)
 
     if in_job_working_dir_copy() and not os.environ.get(BASE_DIR_ENV):
         print(f"note: running in a Ray job's temporary copy of the working directory; relative paths (output_dir, data.path, "
@@ -288,6 +304,28 @@ def main(argv: list[str] | None = None) -> int:
     if path and storage.exists(path):
         print(f"{args.stage}: result in {path}")
     return 0
+
+
+def _evaluation_table(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']} on {report['data']}: top-1 {report['top1']:.3f} on {report['count']} images"
+             + "".join(f", {k} {v:.3f}" for k, v in report.items() if k.startswith("top1_"))]
+    width = max(len(name) for name in report["per_class"])
+    counts = {name: sum(row) for name, row in zip(report["class_names"], report["confusion"])}
+    lines += [f"  {name.ljust(width)}  {'-' if acc is None else f'{acc:.3f}'}  ({counts.get(name, 0)} images)"
+              for name, acc in report["per_class"].items()]
+    if report.get("skipped"):
+        lines.append(f"  {len(report['skipped'])} unreadable file(s) skipped, e.g. {report['skipped'][0]['path']}")
+    return "\n".join(lines)
+
+
+def _prediction_table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['path']}: unreadable")
+        else:
+            lines.append(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    return "\n".join(lines)
 
 
 def print_json(obj: Any) -> None:

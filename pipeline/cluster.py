@@ -42,7 +42,13 @@ def _start(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     _STARTED_HERE = not address
     # The dashboard (ray[default]) also serves the state API that Ray Train's controller polls.
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    from pipeline.console import quiet_library_chatter, verbose
+
+    quiet_library_chatter()
+    # Workers' and actors' own output (per-rank epoch lines, Ray's actor warnings such as the
+    # PreemptionWatcher one, which no user can act on) stays in Ray's session logs; the driver shows
+    # progress itself. Errors still arrive: a failed worker's exception is raised by fit().
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose())
     try:
         from ray.data import DataContext
 

@@ -169,6 +169,8 @@ class DistillConfig(OptimConfig):
                                "no teacher in the workers); epoch e uses view e mod K. 0: the teacher runs online")
     teacher_input_size: int | None = Field(None, ge=8, description="the teacher sees the student's crop box at this size; "
                                            "None: the size the teacher was trained at")
+    baseline: bool = Field(False, description="`run` also trains this student without a teacher (distill.type=none, same "
+                           "budget), role baseline, so every run has the comparison")
     # function matching
     teaching: Literal["fixed_teacher", "independent_noise", "consistent", "function_matching"] = Field(
         "function_matching", description="funmatch: what the teacher sees (the paper's ablation)"

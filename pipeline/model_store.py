@@ -51,8 +51,8 @@ class _CheckpointFlavor:
 
 
 def log_model(model: torch.nn.Module, meta: dict[str, Any], example: torch.Tensor, registered_name: str | None,
-              requirements: list[str]) -> str:
-    """Log ``model`` (state dict + meta) to the active run; returns its model URI."""
+              requirements: list[str]) -> tuple[str, int | None]:
+    """Log ``model`` (state dict + meta) to the active run; returns its model URI and registered version."""
     from mlflow.models import Model, infer_signature
 
     with torch.no_grad():
@@ -61,7 +61,7 @@ def log_model(model: torch.nn.Module, meta: dict[str, Any], example: torch.Tenso
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     info = Model.log(artifact_path=None, name="model", flavor=_CheckpointFlavor, registered_model_name=registered_name,
                      metadata=meta, model_state=state, meta=meta, signature=signature, requirements=requirements)
-    return info.model_uri
+    return info.model_uri, info.registered_model_version
 
 
 def download(uri: str, into: str) -> str:

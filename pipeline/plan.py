@@ -135,7 +135,9 @@ def plan_stage(cfg: PipelineConfig, stage: str, shard_dir: str) -> StagePlan:
     section = cfg.teacher if kind is StageKind.TEACHER else cfg.distill
     # Where the cluster is and whether its storage is shared do not change what is trained.
     scaling = {k: v for k, v in to_dict(cfg.ray).items() if k not in ("address", "shared_storage", "capacity_wait_s")}
-    fp = fingerprint(stage, to_dict(section), to_dict(cfg.train), shard_dir, scaling, model_id(teacher))
+    # Whether `run` adds a baseline does not change this stage's own model.
+    own = {k: v for k, v in to_dict(section).items() if k != "baseline"}
+    fp = fingerprint(stage, own, to_dict(cfg.train), shard_dir, scaling, model_id(teacher))
     suffix = "teacher" if kind is StageKind.TEACHER else "student"
     return StagePlan(stage=stage, kind=kind, role=role, arch=arch, shard_dir=shard_dir, output_dir=stage_output_dir(cfg, stage),
                      fingerprint=fp, teacher=teacher, run_name=_run_name(cfg, kind, role),

@@ -11,7 +11,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def learning_curves(history: list[dict[str, float]], path: str, title: str) -> str:
+    """Loss and accuracy per epoch, titled with the model; the best epoch (by val_acc) marked."""
+    return _save(learning_curves_figure(history, title), path)
+
+
+def learning_curves_figure(history: list[dict[str, float]], title: str):
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("train_loss", "val_loss"):
@@ -20,30 +34,51 @@ def learning_curves(history: list[dict[str, float]], path: str, title: str) -> s
     for key in ("train_acc", "val_acc", "val_acc_cls", "val_acc_dist", "val_teacher_acc", "val_agreement"):
         if all(key in h for h in history):
             ax_acc.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    ax_loss.set_xlabel("epoch"), ax_loss.set_title("loss"), ax_loss.legend()
-    ax_acc.set_xlabel("epoch"), ax_acc.set_title("accuracy"), ax_acc.set_ylim(0, 1.02), ax_acc.legend()
+    scored = [h for h in history if h.get("val_acc") is not None]
+    if scored:
+        best = max(scored, key=lambda h: h["val_acc"])
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
+        ax_acc.annotate(f"best: epoch {best['epoch']}, val_acc {best['val_acc']:.3f}", (best["epoch"], best["val_acc"]),
+                        textcoords="offset points", xytext=(-10, -16), ha="right", fontsize=8)
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax_loss.set_title("loss"), ax_loss.legend()
+    ax_acc.set_title("accuracy"), ax_acc.set_ylim(0, 1.02), ax_acc.legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def confusion_matrix(confusion: list[list[int]], class_names: list[str], path: str, title: str) -> str:
+def confusion_matrix(confusion: list[list[int]], class_names: list[str], path: str, title: str, normalize: bool = False) -> str:
+    """Rows are the true class. ``normalize``: each row as fractions of that class (recall on the
+    diagonal), which reads better when classes differ in size. The title gives the accuracy."""
+    return _save(confusion_figure(confusion, class_names, title, normalize), path)
+
+
+def confusion_figure(confusion: list[list[int]], class_names: list[str], title: str, normalize: bool = False):
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=float)
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 1.0 + 0.6 * k))
-    ax.imshow(confusion, cmap="Blues")
+    total = counts.sum()
+    accuracy = np.trace(counts) / total if total else 0.0
+    shown = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1) if normalize else counts
+    fig, ax = plt.subplots(figsize=(2.2 + 0.7 * k, 1.4 + 0.65 * k))
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(shown.max(), 1))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class" if normalize else "images")
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title(title)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    ax.set_title(f"{title}\naccuracy {accuracy:.1%} of {int(total)} images", fontsize=10)
     if k <= 20:
+        threshold = image.norm.vmax / 2
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(int(confusion[i][j])), ha="center", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+                text = f"{shown[i, j]:.2f}" if normalize else str(int(counts[i, j]))
+                # White on dark cells, black on light ones: readable on the whole colour scale.
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if shown[i, j] > threshold else "black")
+    return fig
 
 
 def sweep_scatter(rows: list[dict], keys: list[str], metric: str, path: str) -> str:

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, PipelineConfig, fingerprint, redact, to
 from pipeline.data.loading import load_split, read_manifest
 from pipeline.data.preprocess import built_shards
 from pipeline.plan import StageKind, StagePlan, plan_stage, teacher_identity
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, model_alias
 
 
 def teacher_cache(cfg: PipelineConfig, shard_dir: str, teacher: str, log=print) -> str:
@@ -76,12 +76,13 @@ class _Fitted:
     result: Any
     run_id: str | None
     run_dir: str
+    started: float  # time.time() when the stage began
 
 
 def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force: bool = False, log=print,
                        shard_dir: str | None = None, extra_tags: dict[str, str] | None = None, callbacks=None,
                        reuse: bool = True, reserved_cpu: float = 0.0,
-                       after_epoch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                       after_epoch: Callable[[int, int], None] | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Fit ``stage`` with a TorchTrainer (resuming a run of the same config), publish its best
     checkpoint under ``<stage output>/best``, log it to MLflow and return (and save) its result.
 
@@ -89,6 +90,7 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     (data, config, teacher checkpoint) is skipped and its saved result returned; ``force`` redoes it.
     ``reserved_cpu`` is what the caller itself holds (a sweep trial); ``after_epoch(epoch, rank)``
     runs on every worker after each reported epoch (the reliability tests inject faults there).
+    ``show_progress``: a progress display on this process's console (a sweep's trials have none).
     """
     plan = plan_stage(cfg, stage, shard_dir or built_shards(cfg))
     manifest = read_manifest(plan.shard_dir)
@@ -96,10 +98,10 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
         raise ConfigError("the validation split is empty: set data.val_fraction > 0 (model selection needs it)")
     done = finished_stage(cfg, plan, tracker.uri) if reuse and not force else None
     if done:
-        log(f"{stage}: up to date (same fingerprint as Ray run {plan.ray_run}), skipped; model in {done['best_checkpoint']}. "
+        log(f"{plan.role}: up to date (same fingerprint as Ray run {plan.ray_run}), skipped; model in {done['best_checkpoint']}. "
             f"To redo it: `python -m pipeline {stage} --force` or `run --force {stage}`.")
         return {**done, "skipped": True}
-    fitted = _fit(cfg, plan, tracker, force, log, extra_tags or {}, callbacks, reserved_cpu, after_epoch)
+    fitted = _fit(cfg, plan, tracker, force, log, extra_tags or {}, callbacks, reserved_cpu, after_epoch, show_progress)
     best_dir, best_metrics = _publish(plan, fitted)
     return _record(cfg, plan, tracker, fitted, manifest, best_dir, best_metrics)
 
@@ -116,9 +118,11 @@ def _teacher_inputs(cfg: PipelineConfig, plan: StagePlan, force: bool, log) -> s
 
 
 def _fit(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, force: bool, log, extra_tags: dict[str, str], callbacks,
-         reserved_cpu: float, after_epoch) -> _Fitted:
+         reserved_cpu: float, after_epoch, show_progress: bool) -> _Fitted:
     """Start Ray, build the teacher inputs, open the MLflow run and run the TorchTrainer to the end."""
+    started = time.time()
     from pipeline.cluster import init_ray
+    from pipeline.console import ProgressDisplay, verbose
     from pipeline.preflight import check_capacity
     from pipeline.tracking import end_status
     from pipeline.train.loop import check_diverged
@@ -135,23 +139,31 @@ def _fit(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, force: bool, lo
     run_id = tracker.stage_run(plan.stage, {**plan.tags, **extra_tags}, reuse_id=previous, cfg=cfg, run_name=plan.run_name)
     if run_id:
         storage.write_text(id_file, run_id)
-    trainer = _trainer(cfg, plan, results_dir, {"tracking_uri": tracker.uri, "run_id": run_id, "after_epoch": after_epoch},
-                       callbacks, reserved_cpu)
-    log(f"{plan.stage}: training {plan.section(cfg).epochs} epochs on {cfg.ray.num_workers} worker(s) "
+    epochs = plan.section(cfg).epochs
+    display = ProgressDisplay(plan.run_name, epochs) if show_progress else None
+    extras = {"tracking_uri": tracker.uri, "run_id": run_id, "after_epoch": after_epoch, "verbose": verbose(),
+              "progress": display.sender if display else None}
+    trainer = _trainer(cfg, plan, results_dir, extras, callbacks, reserved_cpu)
+    log(f"{plan.role}: training {plan.run_name}, {epochs} epochs on {cfg.ray.num_workers} worker(s) "
         f"({'GPU' if cfg.ray.use_gpu else 'CPU'}); Ray run {run_dir}")
     try:
-        result = trainer.fit()
+        if display:
+            with display:
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
         check_diverged(plan.stage, result.metrics, plan.stage)
     except BaseException as exc:
         tracker.end(run_id, end_status(exc))
         raise
-    return _Fitted(result, run_id, run_dir)
+    return _Fitted(result, run_id, run_dir, started)
 
 
 def _trainer(cfg: PipelineConfig, plan: StagePlan, results_dir: str, worker_extras: dict[str, Any], callbacks, reserved_cpu: float):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipeline.console import verbose
     from pipeline.train.loop import train_worker
 
     # Ray Train writes its checkpoints straight to an object store when given its filesystem.
@@ -174,8 +186,8 @@ def _trainer(cfg: PipelineConfig, plan: StagePlan, results_dir: str, worker_extr
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
             # Ray Train's controller INFO lines (worker-group start-up, checkpoints) would bury the
-            # epoch lines on the console; they still go to Ray's session log files.
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # progress on the console; they still go to Ray's session log files (and with --verbose, here).
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
 
@@ -217,32 +229,50 @@ def _record(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, fitted: _Fit
             curves = plots.learning_curves(history, os.path.join(local, "learning_curves.png"), plan.run_name)
             conf = plots.confusion_matrix(evaluation["val"]["confusion"], meta["class_names"], os.path.join(local, "confusion_val.png"),
                                           f"{plan.run_name}: validation confusion")
+            conf_norm = plots.confusion_matrix(evaluation["val"]["confusion"], meta["class_names"],
+                                               os.path.join(local, "confusion_val_normalized.png"),
+                                               f"{plan.run_name}: validation confusion per true class", normalize=True)
             with open(os.path.join(local, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
             manifest_copy = os.path.join(work, "manifest.json")
             with open(manifest_copy, "w") as f:
                 json.dump(manifest, f, indent=2)
-            for path in (curves, conf, os.path.join(local, "config.yaml"), manifest_copy):
+            for path in (curves, conf, conf_norm, os.path.join(local, "config.yaml"), manifest_copy):
                 tracker.log_artifact(run_id, path)
-    model_uri = None
+    model_uri = version = None
     if cfg.tracking.log_models:
         from pipeline.evaluate import model_inputs
 
-        model_uri = tracker.log_model(run_id, model, meta, model_inputs(val_images[:2], meta), plan.registered_model)
-    summary = {f"best_{k}": v for k, v in best_metrics.items() if isinstance(v, (int, float))}
-    summary.update({f"final_{s}_top1": e["top1"] for s, e in evaluation.items()})
+        val = evaluation["val"]
+        version_tags = {**plan.tags, "val_top1": f"{val['top1']:.4f}", "run_id": run_id or ""}
+        description = (f"{plan.run_name}: val top-1 {val['top1']:.3f} on {val['count']} validation images "
+                       f"({cfg.data.source}); MLflow run {run_id}, Ray run {plan.ray_run}")
+        model_uri, version = tracker.log_model(run_id, model, meta, model_inputs(val_images[:2], meta), plan.registered_model,
+                                               version_tags, description)
+    # A few single values, not a copy of every per-epoch metric at the best epoch: each would be one
+    # more one-point chart ahead of val_acc in the run's metrics tab.
+    summary = {"best_epoch": best_metrics.get("epoch", 0)}
+    for split, e in evaluation.items():
+        summary[f"final_{split}_top1"] = e["top1"]
+        summary.update({f"final_{split}_{k}": v for k, v in e.items() if k.startswith("top1_")})
+    if best_metrics.get("val_agreement") is not None:
+        summary["final_val_agreement"] = best_metrics["val_agreement"]
     EpochLogger(tracker.uri, run_id, cfg.tracking.fail_fast, once_per_step=False).log(summary, step=int(best_metrics.get("epoch", 0)))
     # Where the published model and its data live, so `pipeline report` can find them from the run alone.
     tracker.set_tags(run_id, {"best_checkpoint": best_dir, "shard_dir": plan.shard_dir, "role": plan.role})
     tracker.end(run_id)
     result = {
-        "stage": plan.stage, "role": plan.role, "output": plan.output_dir, "ray_run": fitted.run_dir, "ray_run_name": plan.ray_run,
+        "stage": plan.stage, "role": plan.role, "arch": plan.arch, "run_name": plan.run_name, "output": plan.output_dir, "ray_run": fitted.run_dir, "ray_run_name": plan.ray_run,
         "best_checkpoint": best_dir, "best_epoch": best_metrics.get("epoch"), "val_acc": best_metrics.get("val_acc"),
+        "agreement": best_metrics.get("val_agreement"), "seconds": round(time.time() - fitted.started, 1),
         "evaluation": {s: {k: v for k, v in e.items() if k != "confusion"} for s, e in evaluation.items()},
         "history": history,
-        "mlflow": {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment, "run_id": run_id, "model_uri": model_uri},
+        "mlflow": {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment, "run_id": run_id, "model_uri": model_uri,
+                   "registered": f"models:/{plan.registered_model}/{version}" if version else None,
+                   "alias": f"models:/{plan.registered_model}@{model_alias(plan.role)}" if version else None},
         "artifacts": {"learning_curves": storage.join(plan.output_dir, "learning_curves.png"),
-                      "confusion": storage.join(plan.output_dir, "confusion_val.png")},
+                      "confusion": storage.join(plan.output_dir, "confusion_val.png"),
+                      "confusion_normalized": storage.join(plan.output_dir, "confusion_val_normalized.png")},
     }
     storage.write_json(storage.join(plan.output_dir, "result.json"), result)
     return result

@@ -87,7 +87,8 @@ def _trial(config: dict[str, Any]) -> None:
     tags = {"sweep": config["sweep_name"], "trial_id": ctx.get_trial_id(),
             **{f"swept.{k.replace(FLAT_SEP, '.')}": str(v) for k, v in config["params"].items()}}
     run_training_stage(cfg, config["stage"], tracker, shard_dir=config["shard_dir"], extra_tags=tags,
-                       callbacks=[TuneReportCallback()], log=lambda *_: None, reuse=False, reserved_cpu=DRIVER_CPU)
+                       callbacks=[TuneReportCallback()], log=lambda *_: None, reuse=False, reserved_cpu=DRIVER_CPU,
+                       show_progress=False)
 
 
 def sweep_name(cfg: PipelineConfig, shard_dir: str, teacher: str | None) -> str:
@@ -253,7 +254,10 @@ def summarize(cfg, plan, tracker: Tracker, results, parent_id, sweep_dir: str, n
             from pipeline.evaluate import model_inputs
             model, meta = load_model(best["best_checkpoint"])
             example = model_inputs(load_split(plan.shard_dir, "val").images[:2], meta)
-            model_uri = tracker.log_model(best["mlflow_run_id"], model, meta, example, plan.registered_model)
+            # Its own alias: the best trial of a sweep is not the model the stage itself published.
+            tags = {**plan.tags, "role": f"{plan.role}-sweep-best", "sweep": name, sweep.metric: f"{best[sweep.metric]:.4f}"}
+            model_uri, _ = tracker.log_model(best["mlflow_run_id"], model, meta, example, plan.registered_model, tags,
+                                          f"best trial {best['trial_id']} of sweep {name} ({sweep.metric} {best[sweep.metric]:.4f})")
     tracker.end(parent_id)
     log(f"sweep: best trial {best['trial_id']} {sweep.metric}={best[sweep.metric]:.4f} "
         + " ".join(f"{k}={best[k]:.4g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.tune.space))

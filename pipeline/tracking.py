@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -64,6 +65,18 @@ def attempt(fn: Callable[[], Any], what: str, fail_fast: bool, tries: int = 3, w
         raise TrackingError(redact(f"MLflow: could not {what}: {last}")) from last
     warnings.warn(redact(f"MLflow: could not {what} ({type(last).__name__}: {str(last)[:200]}); training goes on"), stacklevel=3)
     return False, None
+
+
+#: MLflow 3 opens an experiment on its GenAI overview unless told it holds model training.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+#: the config sections every training stage's run logs as parameters, besides its own
+STAGE_SHARED_SECTIONS = ("data", "train", "ray")
+
+
+def model_alias(role: str) -> str:
+    """A registry alias for ``role``: MLflow allows word characters and '-', and reserves ``latest`` and ``v<N>``."""
+    alias = re.sub(r"[^\w-]", "-", role)
+    return f"{alias}-model" if alias == "latest" or re.fullmatch(r"[vV]\d+", alias) else alias
 
 
 def git_commit() -> str:
@@ -161,11 +174,18 @@ class Tracker:
         return MlflowClient(self.uri)
 
     def start(self) -> "Tracker":
+        from pipeline.console import quiet_library_chatter
+
+        quiet_library_chatter()
+
         def create():
             client = self._client()
             exp = client.get_experiment_by_name(self.cfg.tracking.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.tracking.experiment,
-                                                                            artifact_location=artifact_location(self.uri))
+                                                                            artifact_location=artifact_location(self.uri),
+                                                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            if exp and EXPERIMENT_KIND_TAG not in exp.tags:
+                client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             run = client.create_run(exp_id, run_name=f"{self.invocation}", tags={"pipeline.invocation": self.invocation, "git_commit": git_commit()})
             if not exp_id or not run.info.run_id:  # a proxy or a wrong server that answers 200 with nothing in it
                 raise TrackingError(f"the store answered without an experiment or run id (experiment {exp_id!r}, run {run.info.run_id!r})")
@@ -217,9 +237,11 @@ class Tracker:
         ok, run_id = attempt(create, f"create the {stage} run", self.fail_fast)
         if ok and run_id != reuse_id:
             tree = to_dict(cfg or self.cfg)
-            # The other training section would only add noise to a comparison (a teacher has no distill.type).
-            dropped = {"teacher": ("distill", "tune"), "distill": ("teacher", "tune")}.get(stage, ())
-            self.log_params(run_id, flatten({k: v for k, v in tree.items() if k not in dropped}))
+            # A training stage logs its own section and the shared ones: the other training section
+            # would only add noise to a comparison (a teacher has no distill.type). Other runs (a
+            # sweep's parent) log the whole tree.
+            keep = (stage, *STAGE_SHARED_SECTIONS) if stage in ("teacher", "distill") else tuple(tree)
+            self.log_params(run_id, flatten({k: v for k, v in tree.items() if k in keep}))
         return run_id if ok else None
 
     def log_params(self, run_id: str | None, params: dict[str, Any]) -> None:
@@ -248,25 +270,50 @@ class Tracker:
         if run_id:
             attempt(lambda: self._client().set_terminated(run_id, status), "end a run", self.fail_fast)
 
-    def log_model(self, run_id: str | None, model, meta: dict[str, Any], example, registered_name: str | None) -> str | None:
+    def log_model(self, run_id: str | None, model, meta: dict[str, Any], example, registered_name: str | None,
+                  version_tags: dict[str, str] | None = None, description: str | None = None) -> tuple[str | None, str | None]:
         """Log the model to the run in the pickle-free format of :mod:`pipeline.model_store` (state
-        dict + meta + signature), registered as ``registered_name``; returns the model URI."""
+        dict + meta + signature), registered as ``registered_name``; returns the model URI and the
+        registered version (None when not registered).
+
+        The new version carries ``version_tags`` (role, method, val top-1, ...) and ``description``,
+        and the alias of its ``role`` tag moves to it, so ``models:/NAME@baseline`` is always the
+        latest baseline, whatever its version number."""
         if not run_id:
-            return None
+            return None, None
         import mlflow
         import torch
 
         from pipeline import model_store
 
+        from pipeline.console import mlflow_quiet
+
         def send():
             mlflow.set_tracking_uri(self.uri)
-            with mlflow.start_run(run_id=run_id):
+            with mlflow.start_run(run_id=run_id), mlflow_quiet():
                 return model_store.log_model(
                     model, meta, example, registered_name if self.cfg.tracking.register_models else None,
                     requirements=[f"torch=={torch.__version__.split('+')[0]}", "timm"])
 
-        ok, uri = attempt(send, "log the model", self.fail_fast, tries=2)
-        return uri if ok else None
+        ok, logged = attempt(send, "log the model", self.fail_fast, tries=2)
+        if not ok:
+            return None, None
+        uri, version = logged
+        if version is not None and registered_name:
+            self._describe_version(registered_name, str(version), version_tags or {}, description)
+        return uri, None if version is None else str(version)
+
+    def _describe_version(self, name: str, version: str, tags: dict[str, str], description: str | None) -> None:
+        def send():
+            client = self._client()
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, redact(str(value)))
+            if description:
+                client.update_model_version(name, version, description=description)
+            if tags.get("role"):
+                client.set_registered_model_alias(name, model_alias(tags["role"]), version)
+
+        attempt(send, f"describe version {version} of {name}", self.fail_fast)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.end(self.parent_id, status)

@@ -112,14 +112,22 @@ def local_meta_names(trained):
 
 def test_evaluate_and_predict_commands(trained, capsys):
     folder = trained["out"] / "synthetic_source"
-    assert cli_main(["evaluate", "--model", trained["teacher"]["best_checkpoint"], "--data", str(folder)]) == 0
+    assert cli_main(["evaluate", "--json", "--model", trained["teacher"]["best_checkpoint"], "--data", str(folder)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["count"] == NUM_CLASSES * 80
     assert report["top1"] > CHANCE + 0.4 and set(report["per_class"]) == set(local_meta_names(trained))
     some = sorted(folder.glob("*/00001.png"))[:2]
-    assert cli_main(["predict", "--model", trained["teacher"]["best_checkpoint"], *map(str, some)]) == 0
+    assert cli_main(["predict", "--json", "--model", trained["teacher"]["best_checkpoint"], *map(str, some)]) == 0
     preds = json.loads(capsys.readouterr().out)
     assert [len(p["top"]) for p in preds] == [3, 3]
+    # By default a table a person reads: one line per image, its top classes with probabilities.
+    assert cli_main(["predict", "--model", trained["teacher"]["best_checkpoint"], *map(str, some)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(map(str, some))
+    assert lines[0].split(": ")[1].split(", ")[0].split()[0] == preds[0]["top"][0]["class"]
+    assert cli_main(["evaluate", "--model", trained["teacher"]["best_checkpoint"], "--data", str(folder)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert f"top-1 {report['top1']:.3f} on {report['count']} images" in table[0] and len(table) == 1 + NUM_CLASSES
     assert cli_main(["evaluate", "--model", str(trained["out"] / "missing"), "--data", str(folder)]) == 2
 
 

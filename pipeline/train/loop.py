@@ -61,6 +61,9 @@ class LoopContext:
     # Called as after_epoch(epoch, rank) once an epoch is reported: the reliability tests kill a
     # worker from here; production passes nothing.
     after_epoch: Callable[[int, int], None] | None = None
+    # Rank 0's channel to the driver's progress display (pipeline.console); without one, rank 0
+    # prints a line per epoch itself.
+    progress: Any = None
 
 
 def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, world: int, batch: int = 256) -> dict[str, float]:
@@ -163,7 +166,9 @@ def run_loop(cfg: PipelineConfig, plan: StagePlan, ctx: LoopContext) -> None:
                 last_val = evaluate(run.task, run.model, run.val, run.tcfg, run.crop, run.manifest["num_classes"], ctx.world)
         metrics.update({k: v for k, v in last_val.items() if not k.startswith("_")})
         metrics["epoch_time_s"] = time.perf_counter() - t0
-        if ctx.rank == 0:
+        if ctx.rank == 0 and ctx.progress is not None:
+            ctx.progress.epoch(metrics, run.steps_per_epoch)
+        elif ctx.rank == 0:
             ctx.print_fn(f"[{plan.stage}] epoch {epoch + 1}/{run.epochs} loss {metrics['train_loss']:.4f} "
                          f"acc {metrics['train_acc']:.3f} val_acc {metrics.get('val_acc', float('nan')):.3f} "
                          f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s")
@@ -236,6 +241,8 @@ def _resume(run: _Run, ctx: LoopContext) -> None:
     run.scaler.load_state_dict(state["scaler"])
     run.start_epoch, run.global_step = state["epoch"] + 1, state["global_step"]
     ctx.print_fn(f"[{run.plan.stage}] resuming after epoch {state['epoch'] + 1} (step {run.global_step})")
+    if ctx.progress is not None and ctx.rank == 0:
+        ctx.progress.resumed(state["epoch"] + 1)
 
 
 def _train_epoch(run: _Run, ctx: LoopContext, epoch: int, gen: torch.Generator,
@@ -263,6 +270,8 @@ def _train_epoch(run: _Run, ctx: LoopContext, epoch: int, gen: torch.Generator,
             for k, v in out.items():
                 if k.startswith("loss_"):
                     parts[k] = parts.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.double() * b
+            if ctx.progress is not None and ctx.rank == 0:
+                ctx.progress.step(epoch, step, run.steps_per_epoch, lambda: sums[0] / sums[2].clamp(min=1.0))
     keys = sorted(parts)
     packed = _all_reduce(torch.cat([sums, torch.stack([parts[k] for k in keys]) if keys else sums[:0]]), ctx.world).cpu()
     if packed[3].item() > 0:
@@ -309,6 +318,17 @@ def _checkpoint_and_report(run: _Run, ctx: LoopContext, epoch: int, gen: torch.G
         ctx.report(metrics, ckpt_dir)
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every ``ray.train.report`` of every rank at INFO, metrics dict and checkpoint
+    path included (hundreds of characters a line), through a logger named by its file's path, so
+    ``LoggingConfig`` does not reach it. The driver shows the same numbers once, as progress."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _console_line(message: str) -> None:
     """One line on the worker's real stdout, which Ray streams to the driver. Ray Train patches
     ``print`` to send each line both there and to the root logger: every epoch line showed twice."""
@@ -338,6 +358,8 @@ def train_worker(config: dict[str, Any]) -> None:
     from pipeline.tracking import EpochLogger
 
     cfg = PipelineConfig.model_validate(config["cfg"])
+    if not config.get("verbose"):
+        _quiet_ray_train_reports()
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
     device = ray.train.torch.get_device()
@@ -353,7 +375,8 @@ def train_worker(config: dict[str, Any]) -> None:
     resume_dir = resume_ctx.__enter__() if resume_ctx else None
     try:
         ctx = LoopContext(rank, world, device, report, resume_dir, ray.train.torch.prepare_model,
-                          logger.log if logger else None, print_fn=_console_line, after_epoch=config.get("after_epoch"))
+                          logger.log if logger else None, print_fn=_console_line, after_epoch=config.get("after_epoch"),
+                          progress=config.get("progress"))
         run_loop(cfg, config["plan"], ctx)
     finally:
         if resume_ctx:

@@ -40,7 +40,7 @@ def _run(argv, capsys):
 
 def test_good_model_predicts(tmp_path, image, capsys):
     model = _publish(tmp_path / "m")
-    assert cli_main(["predict", "--model", str(model), image]) == 0
+    assert cli_main(["predict", "--json", "--model", str(model), image]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["top"][0]["class"] in ("a", "b", "c")
 
@@ -65,7 +65,7 @@ def test_damaged_model_directory_is_one_line_exit_2(tmp_path, image, capsys, dam
 
 def test_predict_on_a_missing_image_exits_2_and_keeps_the_others(tmp_path, image, capsys):
     model = _publish(tmp_path / "m")
-    code = cli_main(["predict", "--model", str(model), image, str(tmp_path / "missing.jpg")])
+    code = cli_main(["predict", "--json", "--model", str(model), image, str(tmp_path / "missing.jpg")])
     captured = capsys.readouterr()
     assert code == 2
     out = json.loads(captured.out)

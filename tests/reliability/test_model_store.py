@@ -47,7 +47,7 @@ def test_logged_model_round_trips_through_registry_and_run_uris(store):
     model, meta = _student()
     x = torch.randn(2, 3, 32, 32)
     with mlflow.start_run(experiment_id=store) as run:
-        uri = model_store.log_model(model, meta, x, "safe-student", requirements=["timm"])
+        uri, _ = model_store.log_model(model, meta, x, "safe-student", requirements=["timm"])
     for source in (uri, "models:/safe-student/1", f"runs:/{run.info.run_id}/model"):
         loaded, lmeta = checkpoints.load_model(source)
         assert lmeta["arch"] == "resnet10t" and lmeta["class_names"] == ["a", "b", "c"]

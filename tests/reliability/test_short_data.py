@@ -32,6 +32,12 @@ def test_a_class_without_validation_image_names_the_class_and_the_key(tmp_path):
     assert len(_listing(tmp_path, tmp_path / "t", "data.val_fraction=0.2").items) == 15
 
 
+def test_no_validation_split_when_asked_for_none(tmp_path):
+    """val_fraction=0 is a request, not a rounding accident: every image goes to training."""
+    listing = _listing(tmp_path, _tree(tmp_path / "t", [10, 5]), "data.val_fraction=0")
+    assert {i.split for i in listing.items} == {"train"} and len(listing.items) == 15
+
+
 def test_a_class_with_one_image_needs_more_images(tmp_path):
     with pytest.raises(DataError, match="class 'class1' gets no validation image.*add images to it"):
         _listing(tmp_path, _tree(tmp_path / "t", [10, 1]))

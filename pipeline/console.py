@@ -1,4 +1,5 @@
-"""Training progress on the driver's console: a live bar on a terminal, one plain line per epoch otherwise.
+"""What the console shows: training progress on the driver (a live bar on a terminal, one plain line
+per epoch otherwise), and whether Ray's own chatter is let through (``--verbose``).
 
 Ray Train runs the loop in worker processes and its callbacks in a controller actor, so neither can
 draw on the driver's terminal. Rank 0 sends small progress events through a Ray queue (an actor
@@ -8,10 +9,63 @@ that reserves no CPU) and a thread on the driver renders them with tqdm. Without
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, TextIO
+
+_VERBOSE = False
+
+
+def set_verbose(on: bool) -> None:
+    """``--verbose``: let Ray's per-report, checkpoint and worker lines reach the console again."""
+    global _VERBOSE
+    _VERBOSE = on
+
+
+def verbose() -> bool:
+    return _VERBOSE
+
+
+#: Loggers whose lines say nothing a user of this pipeline can act on, and why each is quieted:
+_QUIET_LOGGERS = {
+    # "Token authentication is enabled ... set RAY_AUTH_MODE=disabled to opt out": the pipeline wants it on.
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    # "Progress bars disabled": chosen by us when the console is not a terminal (a file gets no bars).
+    "ray.data._internal.progress": logging.ERROR,
+    # "Dataset ... execution finished in N s": the preprocess stage prints its own end line.
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+    # "Creating initial MLflow database tables" / "Updating database tables": a new SQLite store, nothing to do.
+    "mlflow.store.db.utils": logging.WARNING,
+    "alembic.runtime.migration": logging.WARNING,
+}
+
+
+def quiet_library_chatter() -> None:
+    """Quiet the loggers in :data:`_QUIET_LOGGERS` (all of them stay as they were with ``--verbose``)."""
+    if _VERBOSE:
+        return
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def mlflow_quiet():
+    """MLflow prints "Successfully registered model" / "Created version" with no logger to quiet;
+    the stage's own end line says which version it registered."""
+    from mlflow.utils import logging_utils
+
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    was = stream.enabled
+    if not _VERBOSE:
+        stream.enabled = False
+    try:
+        yield
+    finally:
+        stream.enabled = was
+
 
 #: seconds between step events from rank 0 (each costs a round trip to the queue actor and a device sync)
 STEP_EVENT_INTERVAL_S = 1.0
@@ -26,7 +80,13 @@ class ProgressSender:
 
     def _send(self, event: dict[str, Any]) -> None:
         try:
-            self.queue.put_nowait(event)
+            actor = getattr(self.queue, "actor", None)
+            if actor is not None:
+                # Fire and forget: Queue.put_nowait waits for the actor's answer, a round trip per
+                # event that the training step would pay.
+                actor.put_nowait.remote(event)
+            else:
+                self.queue.put_nowait(event)
         except Exception:  # a full or vanished queue costs the display, never the training
             pass
 
@@ -50,13 +110,15 @@ class ProgressDisplay:
     """The driver side: ``with ProgressDisplay(label, epochs) as display:`` around ``trainer.fit()``;
     ``display.sender`` goes to the workers."""
 
-    def __init__(self, label: str, epochs: int, lines: TextIO | None = None, live: bool | None = None):
-        from ray.util.queue import Queue
-
+    def __init__(self, label: str, epochs: int, lines: TextIO | None = None, live: bool | None = None, queue=None):
         self.label, self.epochs = label, epochs
         self.lines = lines or sys.stdout  # plain epoch lines, with the stages' other lines
         self.live = sys.stderr.isatty() if live is None else live  # the bar draws on stderr
-        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        if queue is None:
+            from ray.util.queue import Queue
+
+            queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        self.queue = queue
         self.sender = ProgressSender(self.queue)
         self.printed_epoch = 0  # an epoch re-run after a restart is not printed twice
         self.started = time.monotonic()
@@ -79,7 +141,7 @@ class ProgressDisplay:
             import ray
 
             ray.kill(self.queue.actor)
-        except Exception:
+        except Exception:  # a test's stand-in queue, or Ray already shut down
             pass
 
     def _pump(self) -> None:
@@ -98,7 +160,8 @@ class ProgressDisplay:
         """Render one event (public for tests: no Ray needed to see what a user would see)."""
         kind = event["kind"]
         if kind == "resumed":
-            self._write(f"{self.label}: a worker restarted; resuming after epoch {event['epoch']}")
+            # A restarted worker group or a resubmitted run: both continue from the last checkpoint.
+            self._write(f"{self.label}: resuming after epoch {event['epoch']} (from the last checkpoint)")
         elif kind == "step" and self.live:
             self._live_bar(event["steps"]).update((event["epoch"] * event["steps"] + event["step"]) - self._bar.n)
             self._bar.set_postfix_str(f"epoch {event['epoch'] + 1}/{self.epochs} loss {event['loss']:.4f}", refresh=True)

@@ -63,6 +63,15 @@ def _training_stage(stage: str):
 
 RUN_STAGES = ("preprocess", "teacher", "distill", "sweep")
 
+STAGE_EXAMPLES = {
+    "preprocess": "python -m pipeline preprocess --config configs/tf_flowers_deit.yaml data.path=../shared/datasets/flower_photos",
+    "teacher": "python -m pipeline teacher --config configs/demo.yaml teacher.epochs=5",
+    "distill": "python -m pipeline distill --config configs/demo.yaml distill.type=hard distill.name=deit-hard",
+    "run": "python -m pipeline run --config configs/demo.yaml --force distill",
+    "sweep": "python -m pipeline sweep --config configs/demo.yaml   # after `run`: it needs the teacher",
+    "report": "python -m pipeline report --config configs/demo.yaml",
+}
+
 
 def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
     """Every stage in order; each one is skipped when its output for the same fingerprint exists.
@@ -155,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Knowledge distillation of image classifiers on Ray.")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (help_text, _) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        example = STAGE_EXAMPLES.get(name)
+        epilog = f"example:\n  {example}\n\n{EPILOG}" if example else EPILOG
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); defaults: the embedded demo")
         p.add_argument("--verbose", "-v", action="store_true",
                        help="also show Ray's own lines: worker output, every report and checkpoint, controller start-up")

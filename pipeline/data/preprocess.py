@@ -234,6 +234,11 @@ def _build(cfg: PipelineConfig, listing: SourceListing, dest: str, fp: str, log,
     if listing.links_skipped:
         log(f"preprocess: skipped {len(listing.links_skipped)} link(s) that leave the data folder, dangle or loop; "
             f"see 'links_skipped' in {manifest_path}")
+    if not manifest["split_sizes"]["val"]:
+        # Asked for (data.val_fraction=0) or left by unreadable files: either way the training
+        # stages will refuse these shards, so say it now.
+        log("preprocess: warning: the validation split is empty; the teacher and distill stages need one "
+            "(set data.val_fraction > 0)")
     return _result(cfg, dest, manifest, reused=False, seconds=time.time() - started)
 
 

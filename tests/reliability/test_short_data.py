@@ -38,6 +38,17 @@ def test_no_validation_split_when_asked_for_none(tmp_path):
     assert {i.split for i in listing.items} == {"train"} and len(listing.items) == 15
 
 
+def test_preprocess_warns_when_the_validation_split_is_empty(ray_local, tmp_path):
+    from pipeline.data.preprocess import preprocess
+
+    said = []
+    cfg = load_config(None, [f"output_dir={tmp_path}", "data.synthetic.images_per_class=6", "data.synthetic.image_size=32",
+                             "data.image_size=16", "data.val_fraction=0"])
+    result = preprocess(cfg, log=said.append)
+    assert result["split_sizes"]["val"] == 0
+    assert any("warning: the validation split is empty" in line for line in said), said
+
+
 def test_a_class_with_one_image_needs_more_images(tmp_path):
     with pytest.raises(DataError, match="class 'class1' gets no validation image.*add images to it"):
         _listing(tmp_path, _tree(tmp_path / "t", [10, 1]))

@@ -102,8 +102,8 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
             f"To redo it: `python -m pipeline {stage} --force` or `run --force {stage}`.")
         return {**done, "skipped": True}
     fitted = _fit(cfg, plan, tracker, force, log, extra_tags or {}, callbacks, reserved_cpu, after_epoch, show_progress)
-    best_dir, best_metrics = _publish(plan, fitted)
-    return _record(cfg, plan, tracker, fitted, manifest, best_dir, best_metrics)
+    best_dir, best_metrics, model, meta = _publish(plan, fitted)
+    return _record(cfg, plan, tracker, fitted, manifest, best_dir, best_metrics, model, meta)
 
 
 def _teacher_inputs(cfg: PipelineConfig, plan: StagePlan, force: bool, log) -> str | None:
@@ -192,9 +192,10 @@ def _trainer(cfg: PipelineConfig, plan: StagePlan, results_dir: str, worker_extr
     )
 
 
-def _publish(plan: StagePlan, fitted: _Fitted) -> tuple[str, dict[str, Any]]:
+def _publish(plan: StagePlan, fitted: _Fitted) -> tuple[str, dict[str, Any], Any, dict[str, Any]]:
     """Copy the best checkpoint to ``<stage output>/best`` without its optimiser state, under a new
-    checkpoint id; returns (that directory, the checkpoint's metrics)."""
+    checkpoint id; returns (that directory, the checkpoint's metrics, the model and its meta,
+    loaded from the local copy so an object store is not read back)."""
     best_ckpt, best_metrics = max(fitted.result.best_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
     best_dir = storage.join(plan.output_dir, "best")
     # A result.json left by an earlier run must not vouch for the model being replaced now.
@@ -211,16 +212,16 @@ def _publish(plan: StagePlan, fitted: _Fitted) -> tuple[str, dict[str, Any]]:
             json.dump(meta, f, indent=2)
         os.remove(os.path.join(published, checkpoints.STATE_FILE))  # the published model needs no optimizer state
         storage.publish_dir(published, best_dir, last=checkpoints.META_FILE)
-    return best_dir, best_metrics
+        model, meta = checkpoints.load_model(published)
+    return best_dir, best_metrics, model, meta
 
 
 def _record(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, fitted: _Fitted, manifest: dict[str, Any], best_dir: str,
-            best_metrics: dict[str, Any]) -> dict[str, Any]:
+            best_metrics: dict[str, Any], model, meta: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the published model on the driver, save plots and config, log them and the model to
     MLflow, and write ``result.json`` (last: its presence is what lets a later invocation skip)."""
     from pipeline.tracking import EpochLogger
 
-    model, meta = checkpoints.load_model(best_dir)
     evaluation, val_images = _final_evaluation(plan, manifest, model, meta)
     history = _history(fitted.result)
     run_id = fitted.run_id

@@ -4,7 +4,6 @@ stages skipped on resubmission and redone with --force."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -15,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main as cli_main
 
+from tests.conftest import free_port
 from tests.browser import page_text, require_chromium, screenshot
 from tests.jobs import SMALL_DEMO, job_logs, submit
 from tests.mlflow_servers import stop_server, wait_until_healthy
@@ -124,12 +124,6 @@ def test_pipeline_job_lands_outputs_at_configured_paths_and_skips_finished_stage
     assert roles == {"teacher", "deit-soft", "baseline"}, rows
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_mlflow_ui_opens_on_the_training_runs_and_compares_them(demo_job, tmp_path):
     """A real `mlflow ui` on the store the demo made, read by a headless Chromium: the link the
     pipeline prints opens the experiment's training runs (not MLflow 3's GenAI overview), and the
@@ -151,7 +145,7 @@ def test_the_mlflow_ui_opens_on_the_training_runs_and_compares_them(demo_job, tm
     assert {r.data.tags["role"] for r in trained} == {"teacher", "deit-soft", "baseline"}
     assert all(r.data.tags.get("pipeline.invocation") is None for r in trained)  # no parent runs among them
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                               start_new_session=True, cwd=demo_job["base"])

@@ -50,6 +50,14 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def dirname(path: str) -> str:
+    """The folder holding ``path``; on a URI its query string stays with it."""
+    if "://" in path:
+        root, query = _split_query(path)
+        return posixpath.dirname(root) + query
+    return os.path.dirname(path)
+
+
 def _type(path: str) -> pafs.FileType:
     fs, p = resolve(path)
     return fs.get_file_info(p).type

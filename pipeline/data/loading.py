@@ -75,7 +75,9 @@ def _split_files(shard_dir: str, split: str, manifest: dict) -> list[str]:
         return storage.list_files(storage.join(shard_dir, split), ".parquet")
     # Local manifests list paths relative to the shard folder, object-store ones full URIs.
     files = [name if storage.is_uri(name) or os.path.isabs(name) else storage.join(shard_dir, name) for name in listed]
-    present = set(storage.list_files(storage.join(shard_dir, split), ".parquet"))  # one listing, not a request per file
+    # One listing per folder the files are in, not a request per file (object-store builds keep
+    # their files under their own prefix, see pipeline.data.preprocess).
+    present = {f for folder in {storage.dirname(f) for f in files} for f in storage.list_files(folder, ".parquet")}
     missing = [name for name, f in zip(listed, files) if f not in present]
     if missing:
         raise DataError(f"{shard_dir}: {len(missing)} of the {len(listed)} {split} shard files in manifest.json are missing "

@@ -8,6 +8,11 @@ of the data config, so identical inputs reuse it)::
         manifest.json     (written last: a directory without it is incomplete)
         config.yaml
 
+On an object store, which has no atomic rename, each build writes under its own
+``<fingerprint[:16]>/build-<id>/`` prefix (with an ``owner.json``: host, PID, start time) and the
+manifest, written last, lists that build's files by full URI: a concurrent or later build never
+deletes files another live run is writing or reading, only builds whose owner is gone.
+
 ``image`` is the raw H x W x 3 uint8 pixel buffer of each image (``binary``), so a worker reads
 a split into one array without decoding anything again.
 """
@@ -18,6 +23,7 @@ import glob
 import hashlib
 import os
 import shutil
+import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -181,14 +187,15 @@ def _build(cfg: PipelineConfig, listing: SourceListing, dest: str, fp: str, log,
     manifest_path = storage.join(dest, "manifest.json")
     init_ray(cfg.ray, cfg.output_dir)
     local = not storage.is_uri(dest)
-    # Write aside and rename into place locally; object stores have no atomic rename, so there the
-    # manifest, written last, is the completion marker.
-    work = storage.join(cfg.output_dir, "shards", f".{fp[:16]}.partial-{uuid.uuid4().hex[:8]}") if local else dest
-    if local:  # partial copies left by a killed run of the same dataset (we hold the lock: none is live)
+    # Write aside and rename into place locally; object stores have no atomic rename, so there each
+    # run writes under its own prefix and the manifest, written last, is the completion marker.
+    if local:
+        work = storage.join(cfg.output_dir, "shards", f".{fp[:16]}.partial-{uuid.uuid4().hex[:8]}")
+        # partial copies left by a killed run of the same dataset (we hold the lock: none is live)
         for stale in glob.glob(os.path.join(os.path.dirname(dest), f".{fp[:16]}.partial-*")):
             shutil.rmtree(stale, ignore_errors=True)
     else:
-        storage.delete_dir(dest)
+        work = _claim_build(dest)
     log(f"preprocess: decoding {len(listing.items)} images from {listing.root} with Ray Data -> {dest}")
     try:
         skipped, counts = _write_shards(listing, cfg, work)
@@ -215,19 +222,13 @@ def _build(cfg: PipelineConfig, listing: SourceListing, dest: str, fp: str, log,
             "links_skipped": listing.links_skipped,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        storage.write_text(storage.join(work, "config.yaml"), to_yaml(cfg))
-        storage.write_json(storage.join(work, "manifest.json"), manifest)
-        if local:
-            if os.path.isdir(dest):  # --force: swap the old copy out only once the new one is complete
-                old = f"{dest}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(dest, old)
-                os.rename(work, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(work, dest)
+        storage.write_text(storage.join(work if local else dest, "config.yaml"), to_yaml(cfg))
+        _commit(work, dest, manifest, log)
     except BaseException:
         if local:
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            storage.delete_dir(work)  # ours alone: nothing else writes under this prefix
         raise
     if skipped:
         log(f"preprocess: skipped {len(skipped)} unreadable file(s); see 'skipped' in {manifest_path}")
@@ -240,6 +241,75 @@ def _build(cfg: PipelineConfig, listing: SourceListing, dest: str, fp: str, log,
         log("preprocess: warning: the validation split is empty; the teacher and distill stages need one "
             "(set data.val_fraction > 0)")
     return _result(cfg, dest, manifest, reused=False, seconds=time.time() - started)
+
+
+def _commit(work: str, dest: str, manifest: dict, log) -> None:
+    """Make the finished build in ``work`` the dataset readers of ``dest`` see."""
+    if storage.is_uri(dest):
+        storage.write_json(storage.join(dest, "manifest.json"), manifest)  # readers now see this build
+        removed = remove_dead_builds(dest, keep=work)
+        if removed:
+            log(f"preprocess: removed {removed} earlier build(s) under {dest} whose runs have ended")
+        return
+    storage.write_json(storage.join(work, "manifest.json"), manifest)
+    if os.path.isdir(dest):  # --force: swap the old copy out only once the new one is complete
+        old = f"{dest}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dest, old)
+        os.rename(work, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, dest)
+
+
+# A build on an object store whose owner cannot be checked (another host) counts as ended only
+# after this long: far beyond any preprocess run, so a live one is never taken for dead.
+STALE_BUILD_S = 24 * 3600
+
+
+def _claim_build(dest: str) -> str:
+    """A fresh prefix under ``dest`` for this run's files, with a record of who writes it."""
+    work = storage.join(dest, f"build-{uuid.uuid4().hex[:12]}")
+    storage.write_json(storage.join(work, "owner.json"), {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time()})
+    return work
+
+
+def _owner_alive(owner: dict, now: float) -> bool:
+    """Whether the run that wrote a build may still be writing or reading it. This process's own
+    earlier builds are not: it writes only the one it is committing."""
+    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+        if owner["pid"] == os.getpid():
+            return False
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return now - float(owner.get("started_at", 0.0)) < STALE_BUILD_S
+
+
+def remove_dead_builds(dest: str, keep: str) -> int:
+    """Delete the builds under ``dest`` (object store) other than ``keep`` whose owner has ended: a
+    dead PID or this process on this host, or older than :data:`STALE_BUILD_S` from elsewhere. Split folders of the
+    pre-``build-`` layout go too (the manifest just written no longer lists them). Returns how many."""
+    prefix = storage.resolve(dest)[1].rstrip("/") + "/"
+    keep_name = storage.resolve(keep)[1][len(prefix):].split("/")[0]
+    tops = {storage.resolve(f)[1][len(prefix):].split("/")[0] for f in storage.list_files(dest)}
+    now, removed = time.time(), 0
+    for name in sorted(tops):
+        if name.startswith("build-") and name != keep_name:
+            try:
+                owner = storage.read_json(storage.join(dest, name, "owner.json"))
+            except Exception:  # no readable record: only its age could tell, and that is unknown
+                continue
+            if _owner_alive(owner, now):
+                continue
+        elif name not in SPLITS:
+            continue
+        storage.delete_dir(storage.join(dest, name))
+        removed += 1
+    return removed
 
 
 def _result(cfg: PipelineConfig, dest: str, manifest: dict, reused: bool, seconds: float) -> dict[str, Any]:

@@ -30,3 +30,45 @@ def test_two_concurrent_preprocess_runs_leave_one_complete_copy(ray_cluster, tmp
     listed = [f for files in manifest["files"].values() for f in files]
     assert listed and all((copies[0] / f).is_file() for f in listed)
     assert sum(manifest["split_sizes"].values()) == 5 * 60
+
+
+def test_object_store_builds_never_remove_a_live_run_s_files(ray_local, object_store, tmp_path):
+    """On an object store (no lock, no rename) each build writes under its own prefix; a rebuild
+    removes only builds whose owner has ended, and the manifest lists exactly the new build's files."""
+    import socket
+    import time
+
+    from pipeline import storage
+    from pipeline.config import load_config
+    from pipeline.data import synthetic
+    from pipeline.data.loading import load_split
+    from pipeline.data.preprocess import STALE_BUILD_S, preprocess
+
+    photos = synthetic.generate(tmp_path / "photos", 3, 12, 40, seed=1)
+    cfg = load_config(None, [f"output_dir={object_store('builds')}", "data.source=folder", f"data.path={photos}",
+                             "data.image_size=32", "data.val_fraction=0.25"])
+    dest = preprocess(cfg, log=lambda m: None)["shard_dir"]
+    first_build = {f.split("/build-")[1].split("/")[0] for f in storage.read_json(storage.join(dest, "manifest.json"))["files"]["train"]}
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)  # a process of this host that has ended
+    now, host = time.time(), socket.gethostname()
+    planted = {  # another run's build in each state its owner can be in
+        "build-live": {"host": host, "pid": os.getppid(), "started_at": now},
+        "build-dead": {"host": host, "pid": dead_pid, "started_at": now},
+        "build-far-young": {"host": "another-node", "pid": 1, "started_at": now - 60},
+        "build-far-old": {"host": "another-node", "pid": 1, "started_at": now - STALE_BUILD_S - 60},
+    }
+    for name, owner in planted.items():
+        storage.write_json(storage.join(dest, name, "owner.json"), owner)
+        storage.write_bytes(storage.join(dest, name, "train", "part-0.parquet"), b"in progress")
+
+    lines = []
+    preprocess(cfg, force=True, log=lines.append)
+    tops = {storage.resolve(f)[1].split(storage.resolve(dest)[1] + "/")[1].split("/")[0] for f in storage.list_files(dest)}
+    assert {"build-live", "build-far-young"} <= tops  # runs that may still be writing keep their files
+    assert not tops & {"build-dead", "build-far-old", f"build-{next(iter(first_build))}"}
+    assert any("removed 3 earlier build(s)" in line for line in lines), lines
+    manifest = storage.read_json(storage.join(dest, "manifest.json"))
+    (new_build,) = {f.split("/build-")[1].split("/")[0] for fs in manifest["files"].values() for f in fs}
+    assert f"build-{new_build}" in tops and new_build not in first_build
+    assert len(load_split(dest, "train")) + len(load_split(dest, "val")) == 3 * 12

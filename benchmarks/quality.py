@@ -105,7 +105,7 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
                     # Timed on its own: the one teacher pass that every distilled student shares.
                     t0 = time.perf_counter()
                     src = teacher_source(scfg)
-                    label_views(scfg, shard_dir, src, teacher_identity(src), log)
+                    label_views(scfg, shard_dir, src, teacher_identity(src), log, tracker=tracker)
                     label_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 result = run_training_stage(scfg, "distill", tracker, log=log, shard_dir=shard_dir)

@@ -66,11 +66,22 @@ RUN_STAGES = ("preprocess", "teacher", "distill", "sweep")
 STAGE_EXAMPLES = {
     "preprocess": "python -m pipeline preprocess --config configs/tf_flowers_deit.yaml data.path=../shared/datasets/flower_photos",
     "teacher": "python -m pipeline teacher --config configs/demo.yaml teacher.epochs=5",
+    "label": "python -m pipeline label --config configs/demo.yaml distill.teacher_views=4   # after the teacher",
     "distill": "python -m pipeline distill --config configs/demo.yaml distill.type=hard distill.name=deit-hard",
     "run": "python -m pipeline run --config configs/demo.yaml --force distill",
     "sweep": "python -m pipeline sweep --config configs/demo.yaml   # after `run`: it needs the teacher",
     "report": "python -m pipeline report --config configs/demo.yaml",
 }
+
+
+def _run_label(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.label import run_label_stage
+    from pipeline.tracking import tracked
+
+    with tracked(cfg, "label") as tracker:
+        result = run_label_stage(cfg, tracker, force=args.force)
+    print(f"label: {result['num_views']} views of {result['images']} training images; store {result['store']}")
+    return result
 
 
 def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,6 +163,7 @@ def _run_report(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]
 STAGES: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], dict[str, Any]]]] = {
     "preprocess": ("decode images with Ray Data into Parquet shards + manifest", _run_preprocess),
     "teacher": ("fine-tune the teacher on Ray Train (TorchTrainer), tracked in MLflow", _training_stage("teacher")),
+    "label": ("the teacher's outputs on distill.teacher_views=K recorded views per training image (Ray Data actors)", _run_label),
     "distill": ("distil a student from the teacher (distill.method=deit) on Ray Train", _training_stage("distill")),
     "run": ("preprocess, teacher, distill (and the sweep if tune.in_run) in one go; stages already done are skipped", _run_all),
     "sweep": ("Ray Tune sweep of a training stage over tune.space (ASHA early stopping)", _run_sweep),

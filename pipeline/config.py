@@ -167,6 +167,8 @@ class DistillConfig(OptimConfig):
                              description="output folder under <output_dir>/distill/ and MLflow role; default <method>-<type>")
     teacher_views: int = Field(0, ge=0, le=1024, description="K > 0: replay K teacher-labelled views per image (label step, "
                                "no teacher in the workers); epoch e uses view e mod K. 0: the teacher runs online")
+    teacher_topk: int = Field(10, ge=1, le=1000, description="label stage, above 128 classes: keep the teacher's top-k logits "
+                              "per view (up to 128 classes all are kept, in fp16)")
     teacher_input_size: int | None = Field(None, ge=8, description="the teacher sees the student's crop box at this size; "
                                            "None: the size the teacher was trained at")
     baseline: bool = Field(False, description="`run` also trains this student without a teacher (distill.type=none, same "

@@ -1,83 +1,347 @@
-"""The label step: the teacher's outputs on K recorded views of every training image, computed once.
+"""The label stage: the teacher's outputs on K recorded views of every training image, computed once.
 
-A view is a crop box in stored pixels plus a mirror flag, drawn from a seeded generator with the
-student's augmentation (``distill.augment`` or ``train.augment``). The teacher sees each box at its
-own input size, the student later replays the same box at its crop size, so every student, sweep
-trial and rerun gets the teacher's knowledge for the price of one inference pass per view
+A view is a crop box in stored pixels plus a mirror flag, drawn with the student's augmentation
+(``distill.augment`` or ``train.augment``) from a generator seeded by the image's path and
+``train.seed``, so the views do not depend on how Ray splits the work. The teacher sees each box at
+its own input size, the student later replays the same box at its crop size, so every student,
+sweep trial and rerun gets the teacher's knowledge for the price of one inference pass per view
 (FKD, Shen & Xing 2022; SRe2L's relabelling). ``K = 1`` with centre crops is function matching's
 fixed teacher.
 
-Stored as one tensor file (``torch.load(weights_only=True)``) under ``<shard_dir>/teacher_views/``,
-named by a fingerprint of the teacher checkpoint, the shards, K and the augmentation, so identical
-requests reuse it and any change rebuilds it.
+Ray Data reads the shards and ``map_batches`` runs the frozen teacher in a fixed pool of actors:
+one per GPU (``num_gpus=1``) on a GPU cluster, ``ray.num_workers`` CPU actors otherwise. The store
+is a folder ``<shard_dir>/teacher_views/<key>/``: Parquet files with one row per image and view
+(``path``, ``view``, ``x1 y1 x2 y2``, ``flip``, the teacher's output) and ``manifest.json``, written
+last (teacher checkpoint id, K, augmentation, sizes, seed, counts, files). ``key`` is a fingerprint
+of all of those, so identical requests reuse the store and any change builds a new one. Up to
+:data:`FULL_LOGITS_MAX_CLASSES` classes the full logits are kept in fp16; above, the top
+``distill.teacher_topk`` (their indices and fp16 logits).
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
+import os
+import shutil
 import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from pipeline import checkpoints, storage
+from pipeline import storage
 from pipeline.config import PipelineConfig, fingerprint, stage_train
 from pipeline.data import augment
-from pipeline.data.loading import load_split, read_manifest
-from pipeline.models import prefers_channels_last
+from pipeline.data.loading import read_manifest
+from pipeline.data.sources import DataError
 
-VIEWS_FORMAT = 1
+VIEWS_FORMAT = 2
+FULL_LOGITS_MAX_CLASSES = 128
+# Below every kept logit by far: a replayed top-k target puts (next to) no mass on the classes it
+# does not list, without the NaN an -inf target gives in a KL.
+TOPK_FILL_BELOW = 50.0
+REBUILD = "rebuild it with `python -m pipeline label --force` (or `run --force distill`)"
 
 
 def views_key(cfg: PipelineConfig, shard_dir: str, teacher_id) -> str:
     tcfg = stage_train(cfg, "distill")
     d = cfg.distill
     return fingerprint("teacher-views", VIEWS_FORMAT, teacher_id, shard_dir, d.teacher_views, tcfg.augment,
-                       tcfg.crop_size, tcfg.inception_scale, d.teacher_input_size, tcfg.seed)[:16]
+                       tcfg.crop_size, tcfg.inception_scale, d.teacher_input_size, d.teacher_topk, tcfg.seed)[:16]
 
 
 def views_path(cfg: PipelineConfig, shard_dir: str, teacher_id) -> str:
     """Inside the shard directory (its splits are subfolders), so that every run on these shards,
     sweep trials with their own output folders included, finds the same views."""
-    return storage.join(shard_dir, "teacher_views", f"{views_key(cfg, shard_dir, teacher_id)}.pt")
+    return storage.join(shard_dir, "teacher_views", views_key(cfg, shard_dir, teacher_id))
 
 
-@torch.no_grad()
+def draw_views(paths: list[str], height: int, width: int, kind: str, crop: int, scale: tuple[float, float], seed: int,
+               k_views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K views of each image, (boxes N x K x 4, flips N x K), each image's from its own
+    generator (seeded by its path and ``seed``): the same whoever draws them, in whatever order."""
+    boxes, flips = [], []
+    for path in paths:
+        digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        b, f = augment.sample_views(k_views, height, width, kind, crop, scale, gen)
+        boxes.append(b)
+        flips.append(f)
+    if not paths:
+        return torch.zeros((0, k_views, 4)), torch.zeros((0, k_views), dtype=torch.bool)
+    return torch.stack(boxes), torch.stack(flips)
+
+
+def encode_outputs(logits: torch.Tensor, topk: int) -> dict[str, pa.Array]:
+    """Teacher logits (rows x C) as Parquet columns: fp16 logits, or the top ``topk`` above
+    :data:`FULL_LOGITS_MAX_CLASSES` classes."""
+    if logits.shape[1] <= FULL_LOGITS_MAX_CLASSES:
+        return {"logits": _binary_rows(logits.half().numpy())}
+    values, index = torch.topk(logits.float(), min(topk, logits.shape[1]), dim=1)
+    return {"topk_index": _binary_rows(index.int().numpy()), "topk_logit": _binary_rows(values.half().numpy())}
+
+
+def decode_outputs(table: pa.Table, num_classes: int) -> torch.Tensor:
+    """The teacher logits (rows x C, fp16) back from :func:`encode_outputs`' columns; classes a
+    top-k row does not list get a logit far below its smallest."""
+    if "logits" in table.column_names:
+        return torch.from_numpy(_rows_of(table["logits"], np.float16, num_classes))
+    index = torch.from_numpy(_rows_of(table["topk_index"], np.int32, None)).long()
+    values = torch.from_numpy(_rows_of(table["topk_logit"], np.float16, index.shape[1])).float()
+    out = (values.min(dim=1, keepdim=True).values - TOPK_FILL_BELOW).expand(-1, num_classes).clone()
+    return out.scatter_(1, index, values).half()
+
+
+def _binary_rows(rows: np.ndarray) -> pa.Array:
+    return pa.array([r.tobytes() for r in np.ascontiguousarray(rows)], type=pa.binary())
+
+
+def _rows_of(column, dtype, width: int | None) -> np.ndarray:
+    cells = column.to_pylist()
+    sizes = {len(c) for c in cells}
+    itemsize = np.dtype(dtype).itemsize
+    expected = width * itemsize if width is not None else next(iter(sizes), 0)
+    if len(sizes) > 1 or (cells and sizes != {expected}):
+        raise DataError(f"teacher view outputs of the wrong size ({sorted(sizes)[:3]} bytes, expected {expected})")
+    return np.frombuffer(b"".join(cells), dtype=dtype).reshape(len(cells), -1).copy()
+
+
+class _Labeler:
+    """A Ray Data actor holding the frozen teacher: a batch of stored images in, their K views'
+    rows out (one per image and view)."""
+
+    def __init__(self, teacher: str, settings: dict[str, Any], threads: int, use_gpu: bool):
+        from pipeline import checkpoints
+        from pipeline.models import prefers_channels_last
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model, self.meta = checkpoints.load_model(teacher, self.device)
+        self.model.eval()
+        self.channels_last = prefers_channels_last(self.model, self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.s = settings
+
+    @torch.no_grad()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        s = self.s
+        paths = batch["path"].to_pylist()
+        h, w = s["shape"][:2]
+        images = torch.from_numpy(_rows_of(batch["image"], np.uint8, h * w * 3).reshape(len(paths), h, w, 3)).to(self.device)
+        boxes, flips = draw_views(paths, h, w, s["augment"], s["crop"], tuple(s["scale"]), s["seed"], s["k"])
+        k = s["k"]
+        idx = torch.arange(len(paths)).repeat_interleave(k)
+        flat_boxes, flat_flips = boxes.reshape(-1, 4), flips.reshape(-1)
+        x = augment.render_views(images, idx.to(self.device), flat_boxes.to(self.device), flat_flips.to(self.device), s["size"],
+                                 self.meta["mean"], self.meta["std"], s["mode"], self.channels_last)
+        logits = torch.cat([self.model(x[i : i + 64]).float().cpu() for i in range(0, len(x), 64)]) if len(x) else torch.zeros((0, s["classes"]))
+        columns = {
+            "path": pa.array([p for p in paths for _ in range(k)], type=pa.string()),
+            "view": pa.array(np.tile(np.arange(k, dtype=np.int16), len(paths))),
+            **{name: pa.array(flat_boxes[:, i].numpy().astype(np.float32)) for i, name in enumerate(("x1", "y1", "x2", "y2"))},
+            "flip": pa.array(flat_flips.numpy()),
+            **encode_outputs(logits, s["topk"]),
+        }
+        return pa.table(columns)
+
+
+@dataclass
+class ViewStore:
+    """A complete view store in memory: per training image (``paths`` order) K boxes, flips and
+    the teacher's logits (fp16)."""
+
+    paths: list[str]
+    boxes: torch.Tensor  # N x K x 4
+    flips: torch.Tensor  # N x K
+    logits: torch.Tensor  # N x K x C
+    manifest: dict[str, Any]
+
+
+def load_views(path: str) -> ViewStore:
+    """Read and check a view store; a partial or damaged one is refused with what is wrong."""
+    manifest_path = storage.join(path, "manifest.json")
+    if not storage.is_file(manifest_path):
+        raise DataError(f"the teacher view store {path} is incomplete (no manifest.json: its build did not finish); {REBUILD}")
+    try:
+        manifest = storage.read_json(manifest_path)
+        files = [storage.join(path, f) for f in manifest["files"]]
+        k, n, classes = int(manifest["num_views"]), int(manifest["images"]), int(manifest["num_classes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"the teacher view store {path} has an unreadable manifest.json ({exc}); {REBUILD}") from None
+    missing = [f for f in manifest["files"] if not storage.is_file(storage.join(path, f))]
+    if missing:
+        raise DataError(f"the teacher view store {path} lacks {len(missing)} of its {len(files)} files ({missing[0]}, ...); {REBUILD}")
+    fs, _ = storage.resolve(path)
+    try:
+        table = pq.ParquetDataset([storage.resolve(f)[1] for f in files], filesystem=fs).read()
+        if table.num_rows != n * k:
+            raise DataError(f"holds {table.num_rows} views, its manifest says {n} images x {k}")
+        table = table.sort_by([("path", "ascending"), ("view", "ascending")])
+        paths = table["path"].to_pylist()[::k]
+        if len(set(paths)) != n or table["view"].to_numpy().tolist() != list(range(k)) * n:
+            raise DataError("does not hold exactly the K views of each image")
+        boxes = torch.from_numpy(np.stack([table[c].to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)).float()
+        flips = torch.from_numpy(table["flip"].to_numpy(zero_copy_only=False).astype(bool))
+        logits = decode_outputs(table, classes)
+    except (DataError, pa.ArrowException, OSError, KeyError) as exc:
+        raise DataError(f"the teacher view store {path} is damaged ({exc}); {REBUILD}") from None
+    return ViewStore(paths, boxes.view(n, k, 4), flips.view(n, k), logits.view(n, k, classes), manifest)
+
+
 def label_views(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, log=print, force: bool = False,
-                batch: int = 16) -> str:
-    """The path of the views file for this config and teacher (``teacher_id``: what identifies its
-    weights, see :func:`pipeline.plan.teacher_identity`), computed unless it already exists."""
+                tracker=None) -> str:
+    """The view store for this config and teacher (``teacher_id``: what identifies its weights, see
+    :func:`pipeline.plan.teacher_identity`), built unless a complete one exists. A store whose
+    build never finished is rebuilt; a damaged complete one is refused unless ``force``."""
     path = views_path(cfg, shard_dir, teacher_id)
-    if storage.is_file(path) and not force:
+    if storage.is_file(storage.join(path, "manifest.json")) and not force:
+        load_views(path)  # refuse a damaged store now, not in every worker
         log(f"label: reusing {cfg.distill.teacher_views} teacher views per image from {path}")
         return path
+    return _build(cfg, shard_dir, teacher, teacher_id, path, log, tracker)
+
+
+def run_label_stage(cfg: PipelineConfig, tracker=None, force: bool = False, log=print) -> dict[str, Any]:
+    """``python -m pipeline label``: the view store the configured student would replay, built or
+    reused; the result is saved as ``<output_dir>/label/result.json``."""
+    from pipeline.config import ConfigError, to_yaml
+    from pipeline.data.preprocess import built_shards
+    from pipeline.plan import plan_stage, teacher_identity
+    from pipeline.preflight import check_capacity
+
+    if not cfg.distill.teacher_views:
+        raise ConfigError("label: distill.teacher_views is 0 (the teacher runs online); set distill.teacher_views=K (e.g. 4) "
+                          "to record K views per training image")
+    plan = plan_stage(cfg, "distill", built_shards(cfg))
+    if not plan.uses_teacher:
+        raise ConfigError("label: distill.type=none trains without a teacher, so there is nothing to label; set distill.type=soft or hard")
+    from pipeline.cluster import init_ray
+
+    init_ray(cfg.ray, cfg.output_dir)
+    check_capacity(cfg.ray)
+    started = time.time()
+    path = label_views(cfg, plan.shard_dir, plan.teacher, teacher_identity(plan.teacher), log, force=force, tracker=tracker)
+    manifest = storage.read_json(storage.join(path, "manifest.json"))
+    stage_dir = storage.join(storage.abspath(cfg.output_dir), "label")
+    result = {"stage": "label", "store": path, "teacher": plan.teacher, "teacher_id": manifest["teacher"],
+              "num_views": manifest["num_views"], "images": manifest["images"], "views": manifest["views"],
+              "label_seconds": manifest["seconds"], "seconds": round(time.time() - started, 2),
+              "result_file": storage.join(stage_dir, "result.json")}
+    storage.write_text(storage.join(stage_dir, "config.yaml"), to_yaml(cfg))
+    storage.write_json(result["result_file"], result)
+    return result
+
+
+def _settings(cfg: PipelineConfig, shard_dir: str, teacher_size: int) -> dict[str, Any]:
     tcfg = stage_train(cfg, "distill")
-    k_views = cfg.distill.teacher_views
-    crop = tcfg.crop_size or read_manifest(shard_dir)["image_size"]
-    model, meta = checkpoints.load_model(teacher)
-    size = cfg.distill.teacher_input_size or int(meta["input_size"])
-    channels_last = prefers_channels_last(model, torch.device("cpu"))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    train = load_split(shard_dir, "train")
-    n, h, w = train.images.shape[:3]
-    gen = torch.Generator().manual_seed(tcfg.seed * 7919 + 17)
-    drawn = [augment.sample_views(n, h, w, tcfg.augment, crop, tuple(tcfg.inception_scale), gen) for _ in range(k_views)]
-    boxes = torch.stack([b for b, _ in drawn], dim=1)  # N x K x 4
-    flips = torch.stack([f for _, f in drawn], dim=1)  # N x K
-    logits = torch.empty((n, k_views, len(meta["class_names"])), dtype=torch.float16)
+    manifest = read_manifest(shard_dir)
+    crop = tcfg.crop_size or manifest["image_size"]
+    return {"k": cfg.distill.teacher_views, "augment": tcfg.augment, "crop": crop, "scale": list(tcfg.inception_scale),
+            "seed": tcfg.seed, "size": teacher_size, "mode": augment.view_mode(tcfg.augment, crop, teacher_size),
+            "shape": manifest["image_shape"], "classes": manifest["num_classes"], "topk": cfg.distill.teacher_topk,
+            "class_names": manifest["class_names"], "images": manifest["split_sizes"]["train"]}
+
+
+def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: str, log, tracker) -> str:
+    import ray
+
+    from pipeline import checkpoints
+    from pipeline.cluster import init_ray
+    from pipeline.data.loading import split_files
+
+    init_ray(cfg.ray, cfg.output_dir)
+    meta = checkpoints.read_meta(teacher) if not teacher.startswith(("models:/", "runs:/")) else checkpoints.load_model(teacher)[1]
+    s = _settings(cfg, shard_dir, cfg.distill.teacher_input_size or int(meta["input_size"]))
+    if s["classes"] != len(meta["class_names"]):
+        raise DataError(f"the teacher knows {len(meta['class_names'])} classes, the shards {s['classes']}: label with a teacher trained on them")
+    gpu = cfg.ray.use_gpu
+    actors = cfg.ray.num_workers
+    # A CPU actor leaves a sliver of its worker's share to the Parquet reads and writes, so that
+    # reads, actors and writes together fit what training would take: a write task that waits for a
+    # whole CPU while the actors hold them all would wait forever.
+    cpus = 1.0 if gpu else max(0.01, cfg.ray.cpus_per_worker - 0.1)
+    files = split_files(shard_dir, "train")
+    local = not storage.is_uri(path)
+    work = f"{path}.partial-{uuid.uuid4().hex[:8]}" if local else path
+    if local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for stale in (p for p in (os.path.join(os.path.dirname(path), n) for n in os.listdir(os.path.dirname(path)))
+                      if os.path.basename(p).startswith(os.path.basename(path) + ".partial-")):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build: the label stage runs once per key at a time
+    storage.delete_dir(path)
+    log(f"label: {s['k']} views of {s['images']} training images through the teacher at {s['size']} px, "
+        f"{actors} {'GPU' if gpu else 'CPU'} actor(s) ...")
     t0 = time.perf_counter()
-    log(f"label: {k_views} views of {n} training images through the teacher at {size} px ...")
-    mode = augment.view_mode(tcfg.augment, crop, size)
-    for k in range(k_views):
-        for i in range(0, n, batch):
-            idx = torch.arange(i, min(i + batch, n))
-            x = augment.render_views(train.images, idx, boxes[idx, k], flips[idx, k], size, meta["mean"], meta["std"], mode,
-                                     channels_last)
-            logits[idx, k] = model(x).half()
-    seconds = time.perf_counter() - t0
-    buffer = io.BytesIO()
-    torch.save({"format": VIEWS_FORMAT, "paths": train.paths, "boxes": boxes, "flips": flips, "logits": logits,
-                "teacher": str(teacher_id), "teacher_input_size": size, "student_crop": crop}, buffer)
-    storage.write_bytes(path, buffer.getvalue())
-    log(f"label: {n * k_views} views labelled in {seconds:.0f} s ({n * k_views / max(seconds, 1e-9):.1f} views/s); {path}")
+    job = ray.remote(num_cpus=0, max_calls=1)(_label_job)
+    try:
+        ray.get(job.remote(files, work, teacher, s, actors, cpus, gpu))
+        seconds = time.perf_counter() - t0
+        written = storage.list_files(work, ".parquet")
+        prefix = storage.resolve(work)[1].rstrip("/") + "/"
+        manifest = {"format": VIEWS_FORMAT, "key": os.path.basename(path.split("?")[0]), "teacher": teacher_id if isinstance(teacher_id, (str, list)) else str(teacher_id),
+                    "teacher_input_size": s["size"], "student_crop": s["crop"], "num_views": s["k"], "augment": s["augment"],
+                    "inception_scale": s["scale"], "seed": s["seed"], "num_classes": s["classes"], "class_names": s["class_names"],
+                    "encoding": "logits" if s["classes"] <= FULL_LOGITS_MAX_CLASSES else f"top{s['topk']}",
+                    "images": s["images"], "views": s["images"] * s["k"],
+                    "files": [storage.resolve(f)[1][len(prefix):] for f in written], "seconds": round(seconds, 2),
+                    "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        storage.write_json(storage.join(work, "manifest.json"), manifest)
+        load_views(work)  # every image's K views are there before anyone may use them
+        if local:
+            os.rename(work, path)
+    except BaseException:
+        if local:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    rate = manifest["views"] / max(seconds, 1e-9)
+    log(f"label: {manifest['views']} views labelled in {seconds:.0f} s ({rate:.1f} views/s); {path}")
+    if tracker is not None:
+        _track(tracker, cfg, manifest, path, rate)
     return path
+
+
+def _read_shard(batch: dict[str, Any]) -> pa.Table:
+    """A batch of shard file names -> their ``path`` and ``image`` columns."""
+    tables = []
+    for name in batch["file"]:
+        fs, inner = storage.resolve(str(name))
+        tables.append(pq.read_table(inner, filesystem=fs, columns=["path", "image"]))
+    return pa.concat_tables(tables)
+
+
+def _label_job(files: list[str], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool) -> None:
+    """The Ray Data job, run as a task of its own (``max_calls=1``): its worker process exits when it
+    ends, and the teacher actors it owns go with it. (Ray Data drops an actor pool by reference
+    counting, and references can outlive the job in the process that ran it; actors left alive
+    would hold the CPUs the student's workers need next.)"""
+    import ray
+
+    # Every task gets a sliver of a CPU: the actors hold the rest, and Ray Data's own
+    # read_parquet starts with a file-listing task that asks for a whole CPU (it would wait forever).
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = ds.map_batches(_read_shard, batch_size=1, num_cpus=0.05)
+    labelled = ds.map_batches(_Labeler, fn_constructor_kwargs={"teacher": teacher, "settings": s, "threads": int(round(cpus)) or 1,
+                                                               "use_gpu": gpu},
+                              batch_size=32, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+                              num_cpus=cpus, num_gpus=1 if gpu else 0)
+    target_fs, target = storage.resolve(work)
+    labelled.write_parquet(target, filesystem=target_fs, ray_remote_args={"num_cpus": 0.05})
+
+
+def _track(tracker, cfg: PipelineConfig, manifest: dict[str, Any], path: str, rate: float) -> None:
+    """The label stage as its own MLflow stage run (tag ``stage=label``), with what shaped the views."""
+    run_id = tracker.stage_run("label", {"role": "label", "teacher_views_key": manifest["key"]}, cfg=cfg,
+                               run_name=f"label K={manifest['num_views']} {manifest['teacher_input_size']} px")
+    params = {k: manifest[k] for k in ("teacher", "num_views", "teacher_input_size", "student_crop", "augment", "inception_scale",
+                                       "seed", "encoding")}
+    tracker.log_params(run_id, {f"label.{k}": v for k, v in params.items()} | {"label.store": path})
+    from pipeline.tracking import EpochLogger
+
+    EpochLogger(tracker.uri, run_id, cfg.tracking.fail_fast, once_per_step=False).log(
+        {"images": manifest["images"], "views": manifest["views"], "label_seconds": manifest["seconds"], "views_per_s": rate}, step=0)
+    tracker.end(run_id)

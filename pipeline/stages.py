@@ -106,14 +106,14 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     return _record(cfg, plan, tracker, fitted, manifest, best_dir, best_metrics, model, meta)
 
 
-def _teacher_inputs(cfg: PipelineConfig, plan: StagePlan, force: bool, log) -> str | None:
+def _teacher_inputs(cfg: PipelineConfig, plan: StagePlan, force: bool, log, tracker: Tracker | None = None) -> str | None:
     """The fixed teacher's cached logits or the label stage's views, when the plan trains on them."""
     if plan.kind is StageKind.FUNMATCH and cfg.distill.teaching == "fixed_teacher":
         return teacher_cache(cfg, plan.shard_dir, plan.teacher, log)
     if plan.kind is StageKind.DEIT and plan.uses_teacher and cfg.distill.teacher_views:
         from pipeline.label import label_views
 
-        return label_views(cfg, plan.shard_dir, plan.teacher, teacher_identity(plan.teacher), log, force=force)
+        return label_views(cfg, plan.shard_dir, plan.teacher, teacher_identity(plan.teacher), log, force=force, tracker=tracker)
     return None
 
 
@@ -133,7 +133,9 @@ def _fit(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, force: bool, lo
         storage.delete_dir(run_dir)
     init_ray(cfg.ray, cfg.output_dir)
     check_capacity(cfg.ray)  # a request the cluster can never place fails now, before labelling, an MLflow run or an endless wait
-    plan = plan.with_teacher_inputs(_teacher_inputs(cfg, plan, force, log))
+    plan = plan.with_teacher_inputs(_teacher_inputs(cfg, plan, force, log, tracker))
+    if plan.teacher_inputs and cfg.distill.teacher_views and plan.kind is StageKind.DEIT:
+        extra_tags = {**extra_tags, "teacher_views_key": storage.resolve(plan.teacher_inputs)[1].rstrip("/").rsplit("/", 1)[-1]}
     id_file = storage.join(run_dir, "mlflow_run_id")
     previous = storage.read_text(id_file).strip() if storage.is_file(id_file) else None
     run_id = tracker.stage_run(plan.stage, {**plan.tags, **extra_tags}, reuse_id=previous, cfg=cfg, run_name=plan.run_name)

@@ -67,11 +67,11 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
     assert {"quality.json", "quality.md"} <= artifacts
     # a rerun reuses every stage (same fingerprints) and gives the same table
     before = {e["role"]: e["val_top1"] for e in entries}
-    views = sorted(out.glob("shards/*/teacher_views/*.pt"))
+    views = sorted(out.glob("shards/*/teacher_views/*/manifest.json"))
     assert len(views) == 1  # one label pass, shared by the distilled students
     assert q.main(["--out", str(out), "--photos", str(source), "--students", "resnet10t", *overrides]) == 0
     again = {e["role"]: e["val_top1"] for e in json.loads((out / "quality.json").read_text())}
-    assert again == pytest.approx(before) and sorted(out.glob("shards/*/teacher_views/*.pt")) == views
+    assert again == pytest.approx(before) and sorted(out.glob("shards/*/teacher_views/*/manifest.json")) == views
 
 
 def test_package_weights_make_a_pretrained_lite0_student():

@@ -1,5 +1,6 @@
 """Teacher views (the label step and their replay), the partial teacher, KD for single-head students."""
 
+import json
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from pipeline import checkpoints, losses
 from pipeline.config import load_config
 from pipeline.data import augment
-from pipeline.label import label_views
+from pipeline.label import label_views, load_views
 from pipeline.models import build_teacher
 from pipeline.plan import plan_stage
 from pipeline.train.steps import DeitTask, TeacherTask, TrainBatch, build_task
@@ -68,26 +69,26 @@ def test_label_step_stores_what_the_teacher_says_on_each_view(shards, tmp_path):
     teacher = _save_teacher(tmp_path / "t")
     cfg = _cfg(shards, "distill.teacher_views=3", "distill.teacher_input_size=40")
     path = label_views(cfg, shards["dir"], teacher, "teacher-0", log=lambda *_: None)
-    store = torch.load(path, weights_only=True)
-    n = len(store["paths"])
-    assert store["logits"].shape == (n, 3, CLASSES) and store["logits"].dtype == torch.float16
-    assert store["boxes"].shape == (n, 3, 4)
+    store = load_views(path)
+    n = len(store.paths)
+    assert store.logits.shape == (n, 3, CLASSES) and store.logits.dtype == torch.float16
+    assert store.boxes.shape == (n, 3, 4)
     # views differ across k and across images
-    assert not torch.equal(store["boxes"][:, 0], store["boxes"][:, 1])
-    assert len({tuple(b.tolist()) for b in store["boxes"][:, 0]}) > n // 2
+    assert not torch.equal(store.boxes[:, 0], store.boxes[:, 1])
+    assert len({tuple(b.tolist()) for b in store.boxes[:, 0]}) > n // 2
     # re-running the teacher on replayed views (at its own size) reproduces the stored output
     from pipeline.data.loading import load_split
 
     train = load_split(shards["dir"], "train")
-    assert train.paths == store["paths"]
+    assert train.paths == store.paths
     model, meta = checkpoints.load_model(teacher)
     idx = torch.arange(5)
     for k in range(3):
-        x = augment.render_views(train.images, idx, store["boxes"][idx, k], store["flips"][idx, k], 40, meta["mean"], meta["std"])
+        x = augment.render_views(train.images, idx, store.boxes[idx, k], store.flips[idx, k], 40, meta["mean"], meta["std"])
         assert augment.view_mode("inception", 24, 40) == "box"
         with torch.no_grad():
             again = model(x)
-        assert torch.allclose(again, store["logits"][idx, k].float(), atol=2e-2, rtol=1e-2)
+        assert torch.allclose(again, store.logits[idx, k].float(), atol=2e-2, rtol=1e-2)
 
 
 def test_views_are_reused_and_rebuilt_when_teacher_or_settings_change(shards, tmp_path):
@@ -95,23 +96,23 @@ def test_views_are_reused_and_rebuilt_when_teacher_or_settings_change(shards, tm
     quiet = lambda *_: None  # noqa: E731
     cfg = _cfg(shards, "distill.teacher_views=2")
     first = label_views(cfg, shards["dir"], teacher, "teacher-0", log=quiet)
-    stamp = os.stat(first).st_mtime_ns
+    stamp = os.stat(os.path.join(first, "manifest.json")).st_mtime_ns
     assert label_views(cfg, shards["dir"], teacher, "teacher-0", log=quiet) == first
-    assert os.stat(first).st_mtime_ns == stamp  # reused, not recomputed
+    assert os.stat(os.path.join(first, "manifest.json")).st_mtime_ns == stamp  # reused, not recomputed
     other_k = label_views(_cfg(shards, "distill.teacher_views=3"), shards["dir"], teacher, "teacher-0", log=quiet)
     other_aug = label_views(_cfg(shards, "distill.teacher_views=2", "train.inception_scale=[0.5,1.0]"), shards["dir"], teacher,
                             "teacher-0", log=quiet)
     retrained = _save_teacher(tmp_path / "t2", seed=1)
     other_teacher = label_views(cfg, shards["dir"], retrained, "teacher-1", log=quiet)
     assert len({first, other_k, other_aug, other_teacher}) == 4
-    assert not torch.allclose(torch.load(first, weights_only=True)["logits"], torch.load(other_teacher, weights_only=True)["logits"])
+    assert not torch.allclose(load_views(first).logits.float(), load_views(other_teacher).logits.float())
 
 
 def test_student_replays_view_e_mod_k_without_a_teacher(shards, tmp_path):
     teacher = _save_teacher(tmp_path / "t")
     cfg = _cfg(shards, "distill.teacher_views=2", "distill.type=soft", "distill.alpha=1.0")
     path = label_views(cfg, shards["dir"], teacher, "teacher-0", log=lambda *_: None)
-    store = torch.load(path, weights_only=True)
+    store = load_views(path)
     from pipeline.data.loading import load_split
 
     train = load_split(shards["dir"], "train")
@@ -128,11 +129,11 @@ def test_student_replays_view_e_mod_k_without_a_teacher(shards, tmp_path):
         task.start_epoch(epoch)
         out = task.train_step(task.model, TrainBatch(images, labels, torch.tensor([0, 3]), None))
         k, rows = epoch % 2, torch.tensor([order[0], order[3]])
-        expected = augment.render_views(train.images, rows, store["boxes"][rows, k], store["flips"][rows, k], 24,
+        expected = augment.render_views(train.images, rows, store.boxes[rows, k], store.flips[rows, k], 24,
                                         task.mean, task.std)
         assert torch.allclose(seen["x"], expected, atol=1e-5)
         # alpha = 1: the loss is the KL to the stored logits of that view alone
-        ref = losses.soft_kl(task.model(expected).detach(), store["logits"][rows, k].float(), 1.0)
+        ref = losses.soft_kl(task.model(expected).detach(), store.logits[rows, k].float(), 1.0)
         assert out["loss_dist"].item() == pytest.approx(ref.item(), rel=1e-3, abs=1e-4)
 
 
@@ -169,3 +170,104 @@ def test_partial_teacher_trains_only_its_last_block_groups():
     head = load_config(None, ["teacher.model=tf_efficientnet_lite0", "teacher.mode=head"])
     head_task = _task(head, "teacher", {"num_classes": CLASSES, "image_size": 32})
     assert {n for n, p in head_task.model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+
+
+def test_views_do_not_depend_on_how_the_work_is_split():
+    from pipeline.label import draw_views
+
+    paths = [f"c{i % 3}/img{i}.jpg" for i in range(12)]
+    args = (48, 48, "inception", 24, (0.25, 1.0), 7, 3)
+    boxes, flips = draw_views(paths, *args)
+    assert boxes.shape == (12, 3, 4) and flips.shape == (12, 3)
+    # two actors, each with its own rows in its own order, draw the same views for every image
+    odd, even = draw_views(paths[1::2][::-1], *args), draw_views(paths[::2], *args)
+    assert torch.equal(odd[0], boxes[1::2].flip(0)) and torch.equal(even[0], boxes[::2])
+    assert torch.equal(odd[1], flips[1::2].flip(0))
+    assert not torch.equal(boxes[:, 0], boxes[:, 1]) and len({tuple(b.tolist()) for b in boxes[:, 0]}) == 12
+    assert not torch.equal(draw_views(paths, 48, 48, "inception", 24, (0.25, 1.0), 8, 3)[0], boxes)  # another seed
+
+
+def test_top_k_outputs_keep_the_teachers_leading_classes():
+    from pipeline.label import FULL_LOGITS_MAX_CLASSES, decode_outputs, encode_outputs
+    import pyarrow as pa
+
+    few = torch.randn(4, 5)
+    small = decode_outputs(pa.table(encode_outputs(few, topk=2)), 5)
+    assert torch.allclose(small.float(), few, atol=1e-2)  # up to 128 classes: all logits, fp16
+    logits = torch.randn(6, FULL_LOGITS_MAX_CLASSES + 72) * 3
+    columns = encode_outputs(logits, topk=5)
+    assert set(columns) == {"topk_index", "topk_logit"}
+    back = decode_outputs(pa.table(columns), logits.shape[1]).float()
+    top = torch.topk(logits, 5, dim=1)
+    assert torch.equal(torch.topk(back, 5, dim=1).indices, top.indices)
+    assert torch.allclose(back.gather(1, top.indices), top.values, atol=2e-2)
+    # the replayed target is the teacher's distribution renormalised over its top 5
+    renormalised = torch.softmax(top.values, dim=1)
+    assert torch.allclose(torch.softmax(back, dim=1).gather(1, top.indices), renormalised, atol=3e-3)  # fp16 logits
+
+
+def test_a_partial_or_damaged_store_is_refused_then_rebuilt_by_force(shards, tmp_path):
+    from pipeline.data.sources import DataError
+
+    teacher = _save_teacher(tmp_path / "t")
+    quiet = lambda *_: None  # noqa: E731
+    cfg = _cfg(shards, "distill.teacher_views=2", "train.seed=5")
+    path = label_views(cfg, shards["dir"], teacher, "teacher-0", log=quiet)
+    good = load_views(path)
+    parts = sorted(p for p in os.listdir(path) if p.endswith(".parquet"))
+    with open(os.path.join(path, parts[0]), "r+b") as f:  # a damaged file
+        f.truncate(40)
+    with pytest.raises(DataError, match="damaged.*label --force"):
+        label_views(cfg, shards["dir"], teacher, "teacher-0", log=quiet)
+    rebuilt = label_views(cfg, shards["dir"], teacher, "teacher-0", log=quiet, force=True)
+    assert torch.equal(load_views(rebuilt).boxes, good.boxes)  # the same seeded views, complete again
+    os.remove(os.path.join(path, sorted(p for p in os.listdir(path) if p.endswith(".parquet"))[0]))
+    with pytest.raises(DataError, match="lacks 1 of its"):
+        load_views(path)
+    os.remove(os.path.join(path, "manifest.json"))  # a build that never finished
+    with pytest.raises(DataError, match="incomplete"):
+        load_views(path)
+    lines = []
+    label_views(cfg, shards["dir"], teacher, "teacher-0", log=lines.append)  # not reused: built again
+    assert any("views labelled" in line for line in lines) and torch.equal(load_views(path).logits, good.logits)
+
+
+def test_workers_parts_of_the_store_cover_the_training_split_once(shards, tmp_path):
+    from pipeline.data.loading import load_split
+    from pipeline.train.steps import TeacherViews
+
+    teacher = _save_teacher(tmp_path / "t")
+    cfg = _cfg(shards, "distill.teacher_views=2")
+    path = label_views(cfg, shards["dir"], teacher, "teacher-0", log=lambda *_: None)
+    store, covered = load_views(path), []
+    for rank in range(2):
+        part = load_split(shards["dir"], "train", rank, 2)
+        views = TeacherViews(path)
+        views.bind(part.paths, torch.device("cpu"))
+        rows = torch.tensor([store.paths.index(p) for p in part.paths])
+        assert torch.equal(views.part[0], store.boxes[rows]) and torch.equal(views.part[2], store.logits[rows])
+        covered += part.paths
+    assert sorted(covered) == store.paths
+
+
+def test_the_label_command_logs_a_stage_run_and_reuses_its_store(shards, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import main as cli_main
+
+    teacher = _save_teacher(tmp_path / "t")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["label", *shards["overrides"], "train.crop_size=24", "train.augment=inception", "distill.student=resnet10t",
+            f"distill.teacher={teacher}", "distill.teacher_views=2", "train.seed=11", f"tracking.uri={uri}",
+            "tracking.experiment=label-test", "ray.num_workers=1", "ray.cpus_per_worker=0.9"]
+    assert cli_main(args) == 0
+    assert cli_main(args) == 0  # the second time the store is reused
+    result = json.loads((shards["out"] / "label" / "result.json").read_text())
+    assert result["num_views"] == 2 and result["views"] == 2 * result["images"] == 2 * len(load_views(result["store"]).paths)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("label-test")
+    (run,) = client.search_runs([exp.experiment_id], "tags.stage = 'label'")
+    assert run.data.params["label.num_views"] == "2" and "teacher-0" in run.data.params["label.teacher"]
+    assert run.data.metrics["views"] == result["views"] and run.data.metrics["views_per_s"] > 0
+    assert run.data.tags["teacher_views_key"] == os.path.basename(result["store"])
+    assert cli_main(["label", *shards["overrides"], "distill.teacher_views=0", f"tracking.uri={uri}"]) == 2

@@ -68,8 +68,9 @@ def _gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int,
     return out.reshape(len(order), *shape)
 
 
-def _split_files(shard_dir: str, split: str, manifest: dict) -> list[str]:
+def split_files(shard_dir: str, split: str, manifest: dict | None = None) -> list[str]:
     """The split's shard files as the manifest lists them, every one checked to be there."""
+    manifest = manifest if manifest is not None else read_manifest(shard_dir)
     listed = manifest.get("files", {}).get(split)
     if listed is None:  # a manifest without a file list: whatever the folder holds
         return storage.list_files(storage.join(shard_dir, split), ".parquet")
@@ -102,7 +103,7 @@ def load_split(
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     manifest = read_manifest(shard_dir)
     shape = tuple(manifest["image_shape"])
-    files = _split_files(shard_dir, split, manifest)
+    files = split_files(shard_dir, split, manifest)
     if not files:
         empty = torch.zeros((0, *shape), dtype=torch.uint8, device=device)
         return SplitTensors(empty, torch.zeros(0, dtype=torch.int64, device=device), [])

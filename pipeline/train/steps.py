@@ -186,9 +186,11 @@ class TeacherViews:
     written by :mod:`pipeline.label`; a worker keeps the rows of its own part."""
 
     def __init__(self, path: str):
-        store = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-        self.paths: list[str] = store["paths"]
-        self.boxes, self.flips, self.logits = store["boxes"], store["flips"], store["logits"]
+        from pipeline.label import load_views
+
+        store = load_views(path)
+        self.paths: list[str] = store.paths
+        self.boxes, self.flips, self.logits = store.boxes, store.flips, store.logits
         self.num_views = int(self.boxes.shape[1])
         self.part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 

@@ -9,7 +9,7 @@ sweep trial and rerun gets the teacher's knowledge for the price of one inferenc
 fixed teacher.
 
 Ray Data reads the shards and ``map_batches`` runs the frozen teacher in a fixed pool of actors:
-one per GPU (``num_gpus=1``) on a GPU cluster, ``ray.num_workers`` CPU actors otherwise. The store
+``ray.num_workers`` of them, each with one GPU (``num_gpus=1``) on a GPU cluster, on CPU otherwise. The store
 is a folder ``<shard_dir>/teacher_views/<key>/``: Parquet files with one row per image and view
 (``path``, ``view``, ``x1 y1 x2 y2``, ``flip``, the teacher's output) and ``manifest.json``, written
 last (teacher checkpoint id, K, augmentation, sizes, seed, counts, files). ``key`` is a fingerprint
@@ -20,6 +20,7 @@ of all of those, so identical requests reuse the store and any change builds a n
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -36,7 +37,7 @@ import torch
 from pipeline import storage
 from pipeline.config import PipelineConfig, fingerprint, stage_train
 from pipeline.data import augment
-from pipeline.data.loading import read_manifest
+from pipeline.data.loading import gather_binary, read_manifest
 from pipeline.data.sources import DataError
 
 VIEWS_FORMAT = 2
@@ -100,14 +101,14 @@ def _binary_rows(rows: np.ndarray) -> pa.Array:
     return pa.array([r.tobytes() for r in np.ascontiguousarray(rows)], type=pa.binary())
 
 
-def _rows_of(column, dtype, width: int | None) -> np.ndarray:
-    cells = column.to_pylist()
-    sizes = {len(c) for c in cells}
+def _rows_of(column: pa.ChunkedArray, dtype, width: int | None) -> np.ndarray:
+    """A column of fixed-size binary cells -> (rows, width) of ``dtype``, read as the shards' images
+    are (one copy); ``width=None`` takes it from the first cell (top-k rows)."""
     itemsize = np.dtype(dtype).itemsize
-    expected = width * itemsize if width is not None else next(iter(sizes), 0)
-    if len(sizes) > 1 or (cells and sizes != {expected}):
-        raise DataError(f"teacher view outputs of the wrong size ({sorted(sizes)[:3]} bytes, expected {expected})")
-    return np.frombuffer(b"".join(cells), dtype=dtype).reshape(len(cells), -1).copy()
+    if width is None:
+        width = len(column[0].as_py()) // itemsize if len(column) else 0
+    rows = gather_binary(column, np.arange(len(column)), (width * itemsize,))
+    return rows.view(dtype).reshape(len(column), width)
 
 
 class _Labeler:
@@ -199,11 +200,21 @@ def label_views(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, l
     :func:`pipeline.plan.teacher_identity`), built unless a complete one exists. A store whose
     build never finished is rebuilt; a damaged complete one is refused unless ``force``."""
     path = views_path(cfg, shard_dir, teacher_id)
-    if storage.is_file(storage.join(path, "manifest.json")) and not force:
-        load_views(path)  # refuse a damaged store now, not in every worker
-        log(f"label: reusing {cfg.distill.teacher_views} teacher views per image from {path}")
+
+    def reuse() -> bool:
+        if storage.is_file(storage.join(path, "manifest.json")) and not force:
+            load_views(path)  # refuse a damaged store now, not in every worker
+            log(f"label: reusing {cfg.distill.teacher_views} teacher views per image from {path}")
+            return True
+        return False
+
+    if reuse():
         return path
-    return _build(cfg, shard_dir, teacher, teacher_id, path, log, tracker)
+    if storage.is_uri(path):  # no lock on an object store: the manifest, written last, marks a store complete
+        return _build(cfg, shard_dir, teacher, teacher_id, path, log, tracker)
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+    with storage.build_lock(lock, lambda where: log(f"label: another run is labelling these views ({where}); waiting for it")):
+        return path if reuse() else _build(cfg, shard_dir, teacher, teacher_id, path, log, tracker)
 
 
 def run_label_stage(cfg: PipelineConfig, tracker=None, force: bool = False, log=print) -> dict[str, Any]:
@@ -270,9 +281,8 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
     work = f"{path}.partial-{uuid.uuid4().hex[:8]}" if local else path
     if local:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        for stale in (p for p in (os.path.join(os.path.dirname(path), n) for n in os.listdir(os.path.dirname(path)))
-                      if os.path.basename(p).startswith(os.path.basename(path) + ".partial-")):
-            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build: the label stage runs once per key at a time
+        for stale in glob.glob(f"{path}.partial-*"):  # left by a killed build (we hold the lock: none is live)
+            shutil.rmtree(stale, ignore_errors=True)
     storage.delete_dir(path)
     log(f"label: {s['k']} views of {s['images']} training images through the teacher at {s['size']} px, "
         f"{actors} {'GPU' if gpu else 'CPU'} actor(s) ...")

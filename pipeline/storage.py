@@ -190,6 +190,26 @@ def publish_dir(local_src: str, dst: str, last: str | None = None) -> None:
 
 
 @contextmanager
+def build_lock(path: str, on_wait=None) -> Iterator[None]:
+    """One build at a time per local lock file (``flock``: released by the kernel when the holder
+    dies, so a killed run never leaves it stuck); a second run calls ``on_wait(path)`` and waits."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait(path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def local_dir(path: str) -> Iterator[str]:
     """A local directory with the contents of ``path``: the path itself, or a temporary download of a URI."""
     if not is_uri(path):

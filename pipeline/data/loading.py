@@ -37,7 +37,7 @@ def read_manifest(shard_dir: str) -> dict:
     return storage.read_json(path)
 
 
-def _gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Rows ``order`` of a column of fixed-size binary cells -> one (len(order), *shape) uint8 array.
 
     Each chunk's data buffer is viewed in place and scattered straight to its rows' destinations:
@@ -56,7 +56,7 @@ def _gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int,
         _, offsets_buf, data_buf = chunk.buffers()
         offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
         if not np.all(np.diff(offsets) == row):
-            raise DataError(f"shard holds images of another size than the manifest's {shape}; rebuild with --force")
+            raise DataError(f"a Parquet column holds cells of another size than the manifest's {shape}; rebuild with --force")
         data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(n, row)
         dest = dest_of[start : start + n]
         keep = dest >= 0
@@ -117,7 +117,7 @@ def load_split(
                         "the shards were changed after preprocessing: rebuild them with `python -m pipeline preprocess --force`")
     paths = np.asarray(table["path"].to_pylist(), dtype=object)
     order = np.argsort(paths, kind="stable")[rank::world_size]
-    images = _gather_binary(table["image"], order, shape)
+    images = gather_binary(table["image"], order, shape)
     labels = table["label"].to_numpy()[order].astype(np.int64)
     return SplitTensors(
         torch.from_numpy(images).to(device),

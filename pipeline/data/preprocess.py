@@ -26,8 +26,7 @@ import shutil
 import socket
 import time
 import uuid
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -154,31 +153,13 @@ def preprocess(cfg: PipelineConfig, force: bool = False, log=print) -> dict[str,
         return _build(cfg, listing, dest, fp, log, started)
     # Outside the shard folder, whose entries are datasets: a lock file is never deleted (a waiter
     # holds the same inode), so it must not look like a leftover.
-    with _build_lock(os.path.join(storage.abspath(cfg.output_dir), ".locks", f"preprocess-{fp[:16]}.lock"), log):
+    with storage.build_lock(os.path.join(storage.abspath(cfg.output_dir), ".locks", f"preprocess-{fp[:16]}.lock"),
+                            lambda where: log(f"preprocess: another run is building these shards ({where}); waiting for it")):
         # A run that held the lock before us may have just built these shards.
         if storage.exists(manifest_path) and not force:
             log(f"preprocess: reusing {dest}, built meanwhile by another run")
             return _result(cfg, dest, storage.read_json(manifest_path), reused=True, seconds=time.time() - started)
         return _build(cfg, listing, dest, fp, log, started)
-
-
-@contextmanager
-def _build_lock(path: str, log) -> Iterator[None]:
-    """One build per dataset fingerprint and output folder at a time (``flock``: released by the
-    kernel when the holder dies, so a killed run never leaves it stuck); a second run waits."""
-    import fcntl
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"preprocess: another run is building these shards ({path}); waiting for it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _build(cfg: PipelineConfig, listing: SourceListing, dest: str, fp: str, log, started: float) -> dict[str, Any]:

@@ -88,6 +88,9 @@ class RayConfig(_Section):
                                           "600 when it joins a cluster, which may autoscale")
     shared_storage: bool | None = Field(None, description="is output_dir visible from every node? None: detect "
                                         "(object-store URIs and network filesystems are shared, local disks are not)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the training workers (its placement-group strategies): PACK fills nodes in "
+        "turn, SPREAD spreads them, STRICT_SPREAD one per node, STRICT_PACK all on one node")
 
 
 class TrackingConfig(_Section):
@@ -118,6 +121,16 @@ class TrainConfig(_Section):
     channels_last: Literal["auto", "on", "off"] = Field(
         "auto", description="NHWC memory order; auto: on GPU, and on CPU for models with depthwise convolutions")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per CPU worker; None: cpus_per_worker")
+
+    @field_validator("amp", "channels_last", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as a boolean: `train.amp=off` must still mean "off".
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    data: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: each worker holds its part of the training split as one uint8 tensor; stream: Ray Data "
+        "feeds it batch by batch; auto: memory while a worker's part fits memory_budget_gb")
+    memory_budget_gb: float = Field(8.0, gt=0, description="auto: the largest training part per worker (GB of uint8 pixels) kept in memory")
 
 
 class OptimConfig(_Section):

@@ -38,6 +38,7 @@ from pipeline import storage
 from pipeline.config import PipelineConfig, fingerprint, stage_train
 from pipeline.data import augment
 from pipeline.data.loading import gather_binary, read_manifest
+from pipeline.data.row_groups import read_files
 from pipeline.data.sources import DataError
 
 VIEWS_FORMAT = 2
@@ -195,10 +196,12 @@ def load_views(path: str) -> ViewStore:
 
 
 def label_views(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, log=print, force: bool = False,
-                tracker=None) -> str:
+                tracker=None, in_process: bool = False) -> str:
     """The view store for this config and teacher (``teacher_id``: what identifies its weights, see
     :func:`pipeline.plan.teacher_identity`), built unless a complete one exists. A store whose
-    build never finished is rebuilt; a damaged complete one is refused unless ``force``."""
+    build never finished is rebuilt; a damaged complete one is refused unless ``force``. ``in_process``:
+    label in this process instead of a Ray Data job (the same store; for machines without Ray, such
+    as the GPU check's)."""
     path = views_path(cfg, shard_dir, teacher_id)
 
     def reuse() -> bool:
@@ -211,10 +214,10 @@ def label_views(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, l
     if reuse():
         return path
     if storage.is_uri(path):  # no lock on an object store: the manifest, written last, marks a store complete
-        return _build(cfg, shard_dir, teacher, teacher_id, path, log, tracker)
+        return _build(cfg, shard_dir, teacher, teacher_id, path, log, tracker, in_process)
     lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
     with storage.build_lock(lock, lambda where: log(f"label: another run is labelling these views ({where}); waiting for it")):
-        return path if reuse() else _build(cfg, shard_dir, teacher, teacher_id, path, log, tracker)
+        return path if reuse() else _build(cfg, shard_dir, teacher, teacher_id, path, log, tracker, in_process)
 
 
 def run_label_stage(cfg: PipelineConfig, tracker=None, force: bool = False, log=print) -> dict[str, Any]:
@@ -258,14 +261,14 @@ def _settings(cfg: PipelineConfig, shard_dir: str, teacher_size: int) -> dict[st
             "class_names": manifest["class_names"], "images": manifest["split_sizes"]["train"]}
 
 
-def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: str, log, tracker) -> str:
-    import ray
-
+def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: str, log, tracker, in_process: bool) -> str:
     from pipeline import checkpoints
-    from pipeline.cluster import init_ray
     from pipeline.data.loading import split_files
 
-    init_ray(cfg.ray, cfg.output_dir)
+    if not in_process:
+        from pipeline.cluster import init_ray
+
+        init_ray(cfg.ray, cfg.output_dir)
     meta = checkpoints.read_meta(teacher) if not teacher.startswith(("models:/", "runs:/")) else checkpoints.load_model(teacher)[1]
     s = _settings(cfg, shard_dir, cfg.distill.teacher_input_size or int(meta["input_size"]))
     if s["classes"] != len(meta["class_names"]):
@@ -284,12 +287,16 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
         for stale in glob.glob(f"{path}.partial-*"):  # left by a killed build (we hold the lock: none is live)
             shutil.rmtree(stale, ignore_errors=True)
     storage.delete_dir(path)
-    log(f"label: {s['k']} views of {s['images']} training images through the teacher at {s['size']} px, "
-        f"{actors} {'GPU' if gpu else 'CPU'} actor(s) ...")
+    where = "in this process" if in_process else f"{actors} {'GPU' if gpu else 'CPU'} actor(s)"
+    log(f"label: {s['k']} views of {s['images']} training images through the teacher at {s['size']} px, {where} ...")
     t0 = time.perf_counter()
-    job = ray.remote(num_cpus=0, max_calls=1)(_label_job)
     try:
-        ray.get(job.remote(files, work, teacher, s, actors, cpus, gpu))
+        if in_process:
+            _label_here(files, work, teacher, s, gpu)
+        else:
+            import ray
+
+            ray.get(ray.remote(num_cpus=0, max_calls=1)(_label_job).remote(files, work, teacher, s, actors, cpus, gpu))
         seconds = time.perf_counter() - t0
         written = storage.list_files(work, ".parquet")
         prefix = storage.resolve(work)[1].rstrip("/") + "/"
@@ -315,13 +322,16 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
     return path
 
 
-def _read_shard(batch: dict[str, Any]) -> pa.Table:
-    """A batch of shard file names -> their ``path`` and ``image`` columns."""
-    tables = []
-    for name in batch["file"]:
-        fs, inner = storage.resolve(str(name))
-        tables.append(pq.read_table(inner, filesystem=fs, columns=["path", "image"]))
-    return pa.concat_tables(tables)
+def _label_here(files: list[str], work: str, teacher: str, s: dict[str, Any], gpu: bool, batch: int = 256) -> None:
+    """The label job without Ray: the same teacher over the same shards, one Parquet file per shard."""
+    labeler = _Labeler(teacher, s, torch.get_num_threads(), gpu)
+    fs, root = storage.resolve(work)
+    fs.create_dir(root, recursive=True)
+    for i, name in enumerate(files):
+        table = read_files({"file": [name]})
+        parts = [labeler(table.slice(j, batch)) for j in range(0, table.num_rows, batch)]
+        if parts:
+            pq.write_table(pa.concat_tables(parts), f"{root}/part-{i:05d}.parquet", filesystem=fs)
 
 
 def _label_job(files: list[str], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool) -> None:
@@ -334,7 +344,7 @@ def _label_job(files: list[str], work: str, teacher: str, s: dict[str, Any], act
     # Every task gets a sliver of a CPU: the actors hold the rest, and Ray Data's own
     # read_parquet starts with a file-listing task that asks for a whole CPU (it would wait forever).
     ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=max(1, len(files)))
-    ds = ds.map_batches(_read_shard, batch_size=1, num_cpus=0.05)
+    ds = ds.map_batches(read_files, batch_size=1, num_cpus=0.05, compute=ray.data.TaskPoolStrategy(size=max(1, actors)))
     labelled = ds.map_batches(_Labeler, fn_constructor_kwargs={"teacher": teacher, "settings": s, "threads": int(round(cpus)) or 1,
                                                                "use_gpu": gpu},
                               batch_size=32, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),

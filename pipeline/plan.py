@@ -133,8 +133,8 @@ def plan_stage(cfg: PipelineConfig, stage: str, shard_dir: str) -> StagePlan:
     role = stage_role(cfg, stage)
     arch = cfg.teacher.model if kind is StageKind.TEACHER else cfg.distill.student
     section = cfg.teacher if kind is StageKind.TEACHER else cfg.distill
-    # Where the cluster is and whether its storage is shared do not change what is trained.
-    scaling = {k: v for k, v in to_dict(cfg.ray).items() if k not in ("address", "shared_storage", "capacity_wait_s")}
+    # Where the cluster is, whether its storage is shared and where the workers go do not change what is trained.
+    scaling = {k: v for k, v in to_dict(cfg.ray).items() if k not in ("address", "shared_storage", "capacity_wait_s", "placement_strategy")}
     # Whether `run` adds a baseline does not change this stage's own model.
     own = {k: v for k, v in to_dict(section).items() if k != "baseline"}
     fp = fingerprint(stage, own, to_dict(cfg.train), shard_dir, scaling, model_id(teacher))

@@ -121,16 +121,21 @@ def check_shared_storage(output_dir: str, ray_cfg: RayConfig, nodes: int | None 
             "shared in a way we cannot detect, set ray.shared_storage=true.")
 
 
-def placeable_workers(nodes: list[dict[str, float]], cpus: float, gpus: float) -> int:
+def placeable_workers(nodes: list[dict[str, float]], cpus: float, gpus: float, strategy: str = "PACK") -> int:
     """How many workers needing ``cpus`` CPUs and ``gpus`` GPUs each the nodes could hold at once
-    (a worker lives on one node, so a node's leftovers do not add up across nodes)."""
-    total = 0
+    (a worker lives on one node, so a node's leftovers do not add up across nodes), under Ray's
+    placement ``strategy``: STRICT_SPREAD puts at most one worker on a node, STRICT_PACK all on one."""
+    fits = []
     for res in nodes:
         fit = int(res.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else 10**9
         if gpus > 0:
             fit = min(fit, int(res.get("GPU", 0.0) / gpus + 1e-9))
-        total += fit
-    return total
+        fits.append(fit)
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for f in fits if f > 0)
+    if strategy == "STRICT_PACK":
+        return max(fits, default=0)
+    return sum(fits)
 
 
 def check_capacity(ray_cfg: RayConfig, reserved_cpu: float = 0.0, nodes: list[dict[str, float]] | None = None) -> None:
@@ -155,7 +160,7 @@ def check_capacity(ray_cfg: RayConfig, reserved_cpu: float = 0.0, nodes: list[di
             alive = sorted(({**n} for n in alive), key=lambda n: -n.get("CPU", 0.0))
             if alive:
                 alive[0]["CPU"] = max(0.0, alive[0].get("CPU", 0.0) - reserved_cpu)
-        fits = placeable_workers(alive, ray_cfg.cpus_per_worker, gpus)
+        fits = placeable_workers(alive, ray_cfg.cpus_per_worker, gpus, ray_cfg.placement_strategy)
         if fits >= ray_cfg.num_workers:
             return
         if nodes is not None or time.monotonic() >= deadline:
@@ -167,6 +172,8 @@ def check_capacity(ray_cfg: RayConfig, reserved_cpu: float = 0.0, nodes: list[di
         time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
     have = ", ".join(f"{n.get('CPU', 0):g} CPU" + (f" + {n.get('GPU', 0):g} GPU" if gpus else "") for n in alive) or "no nodes"
     want = f"{ray_cfg.num_workers} worker(s) x {ray_cfg.cpus_per_worker:g} CPU" + (" + 1 GPU" if gpus else "")
+    if ray_cfg.placement_strategy.startswith("STRICT"):
+        want += f" ({ray_cfg.placement_strategy}: {'one node each' if ray_cfg.placement_strategy == 'STRICT_SPREAD' else 'all on one node'})"
     raise ConfigError(
         f"the Ray cluster cannot place the training workers: asked {want}"
         + (f" beside {reserved_cpu:g} CPU already reserved" if reserved_cpu else "")

@@ -166,19 +166,26 @@ def _trainer(cfg: PipelineConfig, plan: StagePlan, results_dir: str, worker_extr
     from ray.train.torch import TorchTrainer
 
     from pipeline.console import verbose
+    from pipeline.data.streaming import DATA_RESERVED_CPUS, data_mode, stream_dataset
     from pipeline.train.loop import train_worker
 
     # Ray Train writes its checkpoints straight to an object store when given its filesystem.
     storage_path, storage_fs = storage.ray_storage(results_dir)
+    mode = data_mode(plan.train_config(cfg), read_manifest(plan.shard_dir), cfg.ray.num_workers)
+    datasets = {}
+    if mode == "stream":  # the reads' share of the CPUs comes out of the workers' (see pipeline.data.streaming)
+        datasets = {"train": stream_dataset(plan.shard_dir, "train", readers=cfg.ray.num_workers, show_progress=verbose())}
+        reserved_cpu += DATA_RESERVED_CPUS
     # A caller's own reservation (a sweep trial's) comes out of its workers' share, so that the
     # trial and its workers together ask for what the config says, not a sliver more.
     per_worker_cpu = max(0.01, cfg.ray.cpus_per_worker - reserved_cpu / cfg.ray.num_workers)
     return TorchTrainer(
         train_worker,
         train_loop_config={"cfg": to_dict(cfg), "plan": plan, "unsent_path": storage.join(plan.output_dir, "mlflow_unsent.jsonl"),
-                           **worker_extras},
+                           "data_mode": mode, **worker_extras},
+        datasets=datasets or None,
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker={"CPU": per_worker_cpu}),
+                                     resources_per_worker={"CPU": per_worker_cpu}, placement_strategy=cfg.ray.placement_strategy),
         run_config=RunConfig(
             name=plan.ray_run,
             storage_path=storage_path,

@@ -53,3 +53,13 @@ def test_lower_layers_do_not_import_upper_ones(module, forbidden):
 def test_config_and_storage_are_leaves(module):
     imported = _imports(ast.parse((PIPELINE / f"{module}.py").read_text()))
     assert not imported, f"pipeline/{module}.py imports {sorted(imported)}"
+
+
+def test_ray_data_read_functions_load_without_torch():
+    """Ray Data runs them in processes of their own: importing torch there cost ~300 MB per read task."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.data.row_groups; print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PIPELINE.parent, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

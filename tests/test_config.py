@@ -93,3 +93,11 @@ def test_flatten():
     flat = flatten(to_dict(load_config()))
     assert flat["data.synthetic.num_classes"] == 5
     assert "tracking.experiment" in flat
+
+
+def test_bare_on_and_off_mean_the_words_not_yaml_booleans(tmp_path):
+    cfg = load_config(None, ["train.amp=off", "train.channels_last=on"])
+    assert (cfg.train.amp, cfg.train.channels_last) == ("off", "on")
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  amp: off\n  channels_last: off\n")
+    assert (load_config(str(path), []).train.amp, load_config(str(path), []).train.channels_last) == ("off", "off")

@@ -80,11 +80,12 @@ def test_label_step_stores_what_the_teacher_says_on_each_view(shards, tmp_path):
     from pipeline.data.loading import load_split
 
     train = load_split(shards["dir"], "train")
-    assert train.paths == store.paths
+    assert sorted(train.paths) == store.paths  # the store is in path order, the shards in storage order
+    images = train.images[[train.paths.index(p) for p in store.paths[:5]]]
     model, meta = checkpoints.load_model(teacher)
     idx = torch.arange(5)
     for k in range(3):
-        x = augment.render_views(train.images, idx, store.boxes[idx, k], store.flips[idx, k], 40, meta["mean"], meta["std"])
+        x = augment.render_views(images, idx, store.boxes[idx, k], store.flips[idx, k], 40, meta["mean"], meta["std"])
         assert augment.view_mode("inception", 24, 40) == "box"
         with torch.no_grad():
             again = model(x)
@@ -129,11 +130,12 @@ def test_student_replays_view_e_mod_k_without_a_teacher(shards, tmp_path):
         task.start_epoch(epoch)
         out = task.train_step(task.model, TrainBatch(images, labels, torch.tensor([0, 3]), None))
         k, rows = epoch % 2, torch.tensor([order[0], order[3]])
-        expected = augment.render_views(train.images, rows, store.boxes[rows, k], store.flips[rows, k], 24,
+        at = torch.tensor([store.paths.index(train.paths[r]) for r in rows.tolist()])  # the same images in the store
+        expected = augment.render_views(train.images, rows, store.boxes[at, k], store.flips[at, k], 24,
                                         task.mean, task.std)
         assert torch.allclose(seen["x"], expected, atol=1e-5)
         # alpha = 1: the loss is the KL to the stored logits of that view alone
-        ref = losses.soft_kl(task.model(expected).detach(), store.logits[rows, k].float(), 1.0)
+        ref = losses.soft_kl(task.model(expected).detach(), store.logits[at, k].float(), 1.0)
         assert out["loss_dist"].item() == pytest.approx(ref.item(), rel=1e-3, abs=1e-4)
 
 
@@ -271,3 +273,27 @@ def test_the_label_command_logs_a_stage_run_and_reuses_its_store(shards, tmp_pat
     assert run.data.metrics["views"] == result["views"] and run.data.metrics["views_per_s"] > 0
     assert run.data.tags["teacher_views_key"] == os.path.basename(result["store"])
     assert cli_main(["label", *shards["overrides"], "distill.teacher_views=0", f"tracking.uri={uri}"]) == 2
+
+
+def test_streamed_batches_replay_the_views_of_their_own_images(shards, tmp_path):
+    """Stream mode binds the task to the whole split and indexes it by each streamed row's number."""
+    from pipeline.data.loading import load_split
+    from pipeline.data.streaming import epoch_batches, split_paths, stream_dataset
+    from pipeline.train.steps import TeacherViews
+
+    teacher = _save_teacher(tmp_path / "t")
+    path = label_views(_cfg(shards, "distill.teacher_views=2"), shards["dir"], teacher, "teacher-0", log=lambda *_: None)
+    store, views = load_views(path), TeacherViews(path)
+    paths = split_paths(shards["dir"], "train")
+    views.bind(paths, torch.device("cpu"))
+    whole = load_split(shards["dir"], "train")
+    seen = []
+    for images, labels, rows in epoch_batches(stream_dataset(shards["dir"], "train").iterator(), 4, tuple(whole.images.shape[1:]),
+                                              torch.device("cpu"), seed=0):
+        batch = TrainBatch(images, labels, torch.arange(len(rows)), None, rows=rows)
+        boxes, flips, logits = views.view(batch.part_rows, 1)
+        mine = torch.tensor([store.paths.index(paths[r]) for r in rows.tolist()])
+        assert torch.equal(boxes, store.boxes[mine, 1]) and torch.equal(logits, store.logits[mine, 1].float())
+        assert torch.equal(images, whole.images[rows])
+        seen += rows.tolist()
+    assert len(seen) == len(set(seen)) == len(whole) // 4 * 4

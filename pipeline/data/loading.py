@@ -2,7 +2,7 @@
 
 Flowers datasets are a few thousand images, so a worker reads its part of a split once, straight
 from Parquet with pyarrow, into one uint8 N x H x W x 3 tensor (moved to the GPU when there is
-one) and never decodes again.
+one) and never decodes again. Each rank reads only the row groups holding its own rows.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
+from pipeline.data.row_groups import RowGroup, row_groups
 from pipeline.data.sources import DataError
 
 
@@ -25,6 +26,7 @@ class SplitTensors:
     images: torch.Tensor  # uint8, N x H x W x 3
     labels: torch.Tensor  # int64, N
     paths: list[str]
+    bytes_read: int = 0  # Parquet column-chunk bytes read from storage to build this part
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -87,6 +89,11 @@ def split_files(shard_dir: str, split: str, manifest: dict | None = None) -> lis
     return files
 
 
+def rank_range(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous rows ``[start, stop)`` of the split that ``rank`` trains on; sizes differ by at most one."""
+    return rank * num_rows // world_size, (rank + 1) * num_rows // world_size
+
+
 def load_split(
     shard_dir: str,
     split: str,
@@ -94,33 +101,50 @@ def load_split(
     world_size: int = 1,
     device: str | torch.device = "cpu",
 ) -> SplitTensors:
-    """Rows ``rank::world_size`` of ``split`` (in path order, so every rank agrees) as tensors.
+    """Rank ``rank``'s contiguous range of ``split`` (storage order: the manifest's files in turn) as tensors.
 
-    ``world_size=1`` gives the whole split. The parts of different ranks are disjoint and
-    together cover the split.
+    Only the row groups overlapping that range are read, so the bytes read across all ranks stay
+    about one copy of the split at any world size (``bytes_read`` says how many). Preprocessing
+    writes rows in a seeded random order, so a range is a fair sample of the classes.
+    ``world_size=1`` gives the whole split; the ranks' parts are disjoint and cover it.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     manifest = read_manifest(shard_dir)
     shape = tuple(manifest["image_shape"])
     files = split_files(shard_dir, split, manifest)
-    if not files:
-        empty = torch.zeros((0, *shape), dtype=torch.uint8, device=device)
-        return SplitTensors(empty, torch.zeros(0, dtype=torch.int64, device=device), [])
     fs, _ = storage.resolve(shard_dir)
-    table = pq.ParquetDataset([storage.resolve(f)[1] for f in files], filesystem=fs, memory_map=not storage.is_uri(shard_dir)).read(
-        columns=["path", "label", "image"]
-    )
+    local = not storage.is_uri(shard_dir)
+    groups = row_groups(files, fs, local)
+    total = sum(g.num_rows for g in groups)
     expected = manifest.get("split_sizes", {}).get(split)
-    if expected is not None and table.num_rows != expected:
-        raise DataError(f"{shard_dir}: the {split} shards hold {table.num_rows} images, the manifest says {expected}; "
+    if expected is not None and total != expected:
+        raise DataError(f"{shard_dir}: the {split} shards hold {total} images, the manifest says {expected}; "
                         "the shards were changed after preprocessing: rebuild them with `python -m pipeline preprocess --force`")
-    paths = np.asarray(table["path"].to_pylist(), dtype=object)
-    order = np.argsort(paths, kind="stable")[rank::world_size]
-    images = gather_binary(table["image"], order, shape)
-    labels = table["label"].to_numpy()[order].astype(np.int64)
+    start, stop = rank_range(total, rank, world_size)
+    pieces, bytes_read, columns = [], 0, ["path", "label", "image"]
+    by_file: dict[str, list[RowGroup]] = {}
+    for g in groups:
+        if g.first_row < stop and g.first_row + g.num_rows > start:
+            by_file.setdefault(g.file, []).append(g)
+    for f, mine in by_file.items():  # files in storage order
+        pf = pq.ParquetFile(storage.resolve(f)[1], filesystem=fs, memory_map=local)
+        table = pf.read_row_groups([g.index for g in mine], columns=columns)
+        lo = max(start - mine[0].first_row, 0)
+        pieces.append(table.slice(lo, min(stop, mine[-1].first_row + mine[-1].num_rows) - mine[0].first_row - lo))
+        names = set(columns)
+        for g in mine:
+            rg = pf.metadata.row_group(g.index)
+            bytes_read += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns)
+                              if rg.column(c).path_in_schema in names)
+    if not pieces:
+        empty = torch.zeros((0, *shape), dtype=torch.uint8, device=device)
+        return SplitTensors(empty, torch.zeros(0, dtype=torch.int64, device=device), [], bytes_read)
+    table = pa.concat_tables(pieces)
+    images = gather_binary(table["image"], np.arange(table.num_rows), shape)
     return SplitTensors(
         torch.from_numpy(images).to(device),
-        torch.from_numpy(labels).to(device),
-        [str(p) for p in paths[order]],
+        torch.from_numpy(table["label"].to_numpy().astype(np.int64)).to(device),
+        [str(p) for p in table["path"].to_pylist()],
+        bytes_read,
     )

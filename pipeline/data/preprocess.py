@@ -36,7 +36,11 @@ from pipeline.config import ConfigError, PipelineConfig, fingerprint, to_dict, t
 from pipeline.data.images import load_image
 from pipeline.data.sources import SPLITS, DataError, SourceListing, resolve_source
 
-FORMAT_VERSION = 1
+# 2: rows in a seeded random order, row groups of about ROW_GROUP_BYTES (per-rank reads).
+FORMAT_VERSION = 2
+# A training rank reads whole row groups of its range of rows, so their size bounds how much it
+# reads beyond its own share (at most one group at each end of its range).
+ROW_GROUP_BYTES = 16 << 20
 # The data-config keys that change what is stored (cache_dir, for one, does not).
 _STORED_KEYS = ("source", "image_size", "resize_mode", "val_fraction", "test_fraction", "seed", "synthetic")
 
@@ -95,6 +99,7 @@ def decode_and_write(batch: dict[str, np.ndarray], size: int, mode: str, target:
             table,
             f"{root}/{split}/part-{name}.parquet",
             filesystem=fs,
+            row_group_size=max(1, ROW_GROUP_BYTES // pixels.shape[1]),
             compression="none",
             use_dictionary=["path"],
             write_statistics=["label"],
@@ -119,6 +124,9 @@ def _write_shards(listing: SourceListing, cfg: PipelineConfig, target: str) -> t
     import ray
 
     records = [{"path": it.path, "label": it.label, "split": it.split} for it in listing.items]
+    # Listings come class by class; in a seeded random order instead, every file and every
+    # contiguous range of rows (a training rank's part, see pipeline.data.loading) mixes the classes.
+    np.random.default_rng(cfg.data.seed).shuffle(records)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Batches small enough that every CPU of the cluster gets a few, never above rows_per_shard.
     per_batch = max(1, min(cfg.data.rows_per_shard, -(-len(records) // (cpus * 4))))

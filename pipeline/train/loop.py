@@ -2,8 +2,9 @@
 
 Plain PyTorch per worker; Ray appears only at the edges (``prepare_model``, ``get_checkpoint``,
 ``report``), so :func:`run_loop` can be called directly in tests. Each worker loads its part of the
-split once as a uint8 tensor on its device and augments per batch there; within an epoch nothing
-waits on the host (sums stay on the device until the epoch ends).
+split once as a uint8 tensor on its device (memory mode) or receives it batch by batch from its Ray
+Data shard (stream mode, :mod:`pipeline.data.streaming`), and augments per batch there; within an
+epoch nothing waits on the host (sums stay on the device until the epoch ends).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data.batches import batch_for_eval
 from pipeline.data.loading import SplitTensors as Split
 from pipeline.data.loading import load_split, read_manifest
+from pipeline.data.streaming import epoch_batches, split_paths
 from pipeline.models import prefers_channels_last
 from pipeline.plan import StagePlan
 from pipeline.train.steps import Task, TrainBatch, build_task, effective_lr, unwrap
@@ -64,6 +66,9 @@ class LoopContext:
     # Rank 0's channel to the driver's progress display (pipeline.console); without one, rank 0
     # prints a line per epoch itself.
     progress: Any = None
+    # Stream mode: this worker's Ray Data shard of the training split (ray.train.get_dataset_shard);
+    # None: the worker loads its part into memory.
+    train_stream: Any = None
 
 
 def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, world: int, batch: int = 256) -> dict[str, float]:
@@ -113,7 +118,7 @@ class _Run:
     tcfg: TrainConfig
     task: Task
     model: torch.nn.Module
-    train: Split
+    train: Split | None  # None in stream mode
     val: Split
     manifest: dict[str, Any]
     crop: int
@@ -135,7 +140,7 @@ class _Run:
         return self.task.opt_cfg.epochs
 
     def autocast(self):
-        device = self.train.images.device
+        device = self.val.images.device
         return torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
 
 
@@ -203,12 +208,19 @@ def _start(cfg: PipelineConfig, plan: StagePlan, ctx: LoopContext) -> _Run:
     channels_last = tcfg.channels_last == "on" or (tcfg.channels_last == "auto" and prefers_channels_last(model, device))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train = load_split(plan.shard_dir, "train", ctx.rank, world, device)
+    if ctx.train_stream is None:
+        train = load_split(plan.shard_dir, "train", ctx.rank, world, device)
+        task.bind_train_part(train.paths, device)
+    else:  # streamed batches carry their row numbers in the split, so tasks index the whole split,
+        # kept in host memory (every rank holds all of it); each batch's rows go to the device
+        train = None
+        task.bind_train_part(split_paths(plan.shard_dir, "train"), torch.device("cpu"))
     val = load_split(plan.shard_dir, "val", ctx.rank, world, device)
-    task.bind_train_part(train.paths, device)
     n_train = manifest["split_sizes"]["train"]
     per_worker = min(max(1, ocfg.batch_size // world), max(1, n_train // world))
-    steps_per_epoch = max(1, (n_train // world) // per_worker)  # equal on every rank (DDP needs that)
+    # Equal on every rank (DDP needs that). A rank's part holds at least n_train // world rows in
+    # either mode (stream mode's equal split gives each exactly that many).
+    steps_per_epoch = max(1, (n_train // world) // per_worker)
 
     lr = effective_lr(ocfg)
     optimizer = create_optimizer_v2(task.optimizer_target(model), opt=ocfg.optimizer, lr=lr, weight_decay=ocfg.weight_decay)
@@ -256,10 +268,8 @@ def _train_epoch(run: _Run, ctx: LoopContext, epoch: int, gen: torch.Generator,
     parts: dict[str, torch.Tensor] = {}
     if not skip:
         task.set_train_mode(run.model)
-        order = torch.randperm(len(run.train), generator=gen, device=device)
-        for step in range(run.steps_per_epoch):
-            idx = order[(step * run.per_worker) % max(len(run.train), 1) :][: run.per_worker]
-            batch = TrainBatch(run.train.images, run.train.labels, idx, gen, run.channels_last)
+        for step, batch in enumerate(_epoch_batches(run, ctx, epoch, gen)):
+            idx = batch.idx
             out = _optimizer_step(run, batch)
             b = float(len(idx))
             finite = torch.isfinite(out["loss"].detach())
@@ -284,6 +294,24 @@ def _train_epoch(run: _Run, ctx: LoopContext, epoch: int, gen: torch.Generator,
                                "images_per_s": packed[2].item() / max(time.perf_counter() - t0, 1e-9)}
     metrics.update({f"train_{k}": packed[4 + i].item() / n for i, k in enumerate(keys)})
     return metrics, None
+
+
+def _epoch_batches(run: _Run, ctx: LoopContext, epoch: int, gen: torch.Generator) -> Iterator[TrainBatch]:
+    """The epoch's ``steps_per_epoch`` batches: a fresh permutation of this worker's part in memory
+    mode; in stream mode its Ray Data shard, read to the end (Ray's split waits for every rank to
+    finish an epoch before the next one starts)."""
+    if ctx.train_stream is None:
+        order = torch.randperm(len(run.train), generator=gen, device=ctx.device)
+        for step in range(run.steps_per_epoch):
+            idx = order[(step * run.per_worker) % max(len(run.train), 1) :][: run.per_worker]
+            yield TrainBatch(run.train.images, run.train.labels, idx, gen, run.channels_last)
+        return
+    shape = tuple(run.manifest["image_shape"])
+    stream = epoch_batches(ctx.train_stream, run.per_worker, shape, ctx.device, _seed_for(run.tcfg.seed, epoch, ctx.rank))
+    for step, (images, labels, rows) in enumerate(stream):
+        if step < run.steps_per_epoch:
+            idx = torch.arange(len(labels), device=ctx.device)
+            yield TrainBatch(images, labels, idx, gen, run.channels_last, rows=rows)
 
 
 def _optimizer_step(run: _Run, batch: TrainBatch) -> dict[str, torch.Tensor]:
@@ -374,9 +402,10 @@ def train_worker(config: dict[str, Any]) -> None:
     resume_ctx = checkpoint.as_directory() if checkpoint else None
     resume_dir = resume_ctx.__enter__() if resume_ctx else None
     try:
+        stream = ray.train.get_dataset_shard("train") if config.get("data_mode") == "stream" else None
         ctx = LoopContext(rank, world, device, report, resume_dir, ray.train.torch.prepare_model,
                           logger.log if logger else None, print_fn=_console_line, after_epoch=config.get("after_epoch"),
-                          progress=config.get("progress"))
+                          progress=config.get("progress"), train_stream=stream)
         run_loop(cfg, config["plan"], ctx)
     finally:
         if resume_ctx:

@@ -34,10 +34,17 @@ class TrainBatch:
     idx: torch.Tensor
     generator: torch.Generator | None
     channels_last: bool = False
+    # The rows' positions in the part the task was bound to (bind_train_part): ``idx`` in memory
+    # mode; in stream mode, where ``images`` is the streamed batch, their row numbers in the split.
+    rows: torch.Tensor | None = None
 
     @property
     def targets(self) -> torch.Tensor:
         return self.labels[self.idx]
+
+    @property
+    def part_rows(self) -> torch.Tensor:
+        return self.idx if self.rows is None else self.rows
 
 
 class Task(ABC):
@@ -203,8 +210,10 @@ class TeacherViews:
         self.part = (self.boxes[rows].to(device), self.flips[rows].to(device), self.logits[rows].to(device))
 
     def view(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """View ``k`` of the bound rows ``idx``, on ``idx``'s device (stream mode binds on the host)."""
         boxes, flips, logits = self.part
-        return boxes[idx, k], flips[idx, k], logits[idx, k].float()
+        at = idx.to(boxes.device)
+        return boxes[at, k].to(idx.device), flips[at, k].to(idx.device), logits[at, k].float().to(idx.device)
 
 
 class DeitTask(Task):
@@ -255,7 +264,7 @@ class DeitTask(Task):
             return self._loss(model, self.augmented(batch), batch.targets, None)
         images, idx, gen, channels_last = batch.images, batch.idx, batch.generator, batch.channels_last
         if self.views is not None:
-            boxes, flips, t = self.views.view(idx, self.epoch % self.views.num_views)
+            boxes, flips, t = self.views.view(batch.part_rows, self.epoch % self.views.num_views)
         else:
             boxes, flips = augment.sample_views(len(idx), images.shape[1], images.shape[2], self.tcfg.augment, self.crop,
                                                 tuple(self.tcfg.inception_scale), gen, images.device)
@@ -349,7 +358,7 @@ class FunMatchTask(Task):
                                                              device=base.device)
             inputs.teacher = augment.random_flip(augment.crop_resize_boxes(base, inputs.teacher_boxes, self.crop), gen)
         elif self.teaching == "fixed_teacher":
-            inputs.teacher, inputs.cached_logits = None, self.part_logits[batch.idx]
+            inputs.teacher, inputs.cached_logits = None, self.part_logits[batch.part_rows.to(self.part_logits.device)].to(batch.images.device)
         return inputs
 
     def train_step(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:

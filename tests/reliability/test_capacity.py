@@ -14,6 +14,15 @@ def test_workers_do_not_span_nodes():
     assert placeable_workers([{"CPU": 16, "GPU": 1}, {"CPU": 8}], 1.0, 1.0) == 1
 
 
+def test_strict_placement_strategies_count_nodes_not_cpus():
+    nodes = [{"CPU": 2}, {"CPU": 1}]
+    assert placeable_workers(nodes, 1.0, 0, "STRICT_SPREAD") == 2  # one per node
+    assert placeable_workers(nodes, 1.0, 0, "STRICT_PACK") == 2  # all on the larger node
+    assert placeable_workers(nodes, 1.0, 0, "SPREAD") == 3
+    with pytest.raises(ConfigError, match=r"3 worker\(s\) x 1 CPU \(STRICT_SPREAD: one node each\).*room for 2"):
+        check_capacity(RayConfig(num_workers=3, placement_strategy="STRICT_SPREAD"), nodes=nodes)
+
+
 def test_too_many_workers_fail_with_what_was_asked_and_what_exists():
     with pytest.raises(ConfigError, match=r"asked 4 worker\(s\) x 1 CPU; it has 2 CPU \(room for 2\)\. Lower ray.num_workers"):
         check_capacity(RayConfig(num_workers=4), nodes=[{"CPU": 2.0}])

@@ -1,0 +1,110 @@
+"""Stream mode (``train.data=stream``): Ray Data feeds the training loop. Each epoch covers distinct
+rows across the ranks, the streamed pixels are the stored ones, and a stage trains, and resumes
+after a killed worker, as in memory mode."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.loading import load_split
+from pipeline.data.preprocess import preprocess
+from pipeline.data.streaming import data_mode, epoch_batches, split_paths, stream_dataset
+
+NUM_CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def small(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stream")
+    cfg = load_config(None, [
+        f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", "tracking.experiment=stream",
+        "data.synthetic.images_per_class=48", "data.synthetic.image_size=48", "data.image_size=36", "data.val_fraction=0.25",
+        "data.rows_per_shard=20", "ray.num_workers=2", "train.crop_size=32", "train.data=stream", "train.max_failures=1",
+        "teacher.epochs=3", "teacher.batch_size=32", "teacher.lr=0.02", "teacher.scale_lr=false",
+    ])
+    return cfg, preprocess(cfg, log=lambda *_: None)["shard_dir"]
+
+
+def test_auto_streams_only_what_does_not_fit_a_worker():
+    cfg = load_config(None, ["train.memory_budget_gb=1"])
+    manifest = {"split_sizes": {"train": 20_000}, "image_shape": [128, 128, 3]}  # 0.98 GB of pixels
+    assert data_mode(cfg.train, manifest, 1) == "memory" and data_mode(cfg.train, manifest, 2) == "memory"
+    manifest["split_sizes"]["train"] = 50_000  # 2.5 GB: 1.2 GB per worker at 2, 0.6 GB at 4
+    assert data_mode(cfg.train, manifest, 2) == "stream" and data_mode(cfg.train, manifest, 4) == "memory"
+    assert data_mode(load_config(None, ["train.data=stream"]).train, manifest, 4) == "stream"
+
+
+def test_each_epoch_streams_distinct_stored_rows_to_the_ranks(small):
+    _, shard_dir = small
+    whole = load_split(shard_dir, "train")
+    assert split_paths(shard_dir, "train") == whole.paths  # row numbers mean the same in both modes
+    world, batch = 2, 8
+    shards = stream_dataset(shard_dir, "train").streaming_split(world, equal=True)
+    orders = []
+    for epoch in range(2):
+        seen: list[list[int]] = [[] for _ in range(world)]
+        failures: list[BaseException] = []
+
+        def consume(rank, epoch=epoch, seen=seen, failures=failures):
+            try:
+                check(rank, epoch, seen)
+            except BaseException as exc:  # re-raised below: a thread's failure would only be a warning
+                failures.append(exc)
+
+        def check(rank, epoch, seen):
+            for images, labels, rows in epoch_batches(shards[rank], batch, tuple(whole.images.shape[1:]), whole.images.device,
+                                                      seed=epoch * 10 + rank):
+                assert len(rows) == batch  # full batches only: every rank takes the same steps
+                assert np.array_equal(images.numpy(), whole.images[rows].numpy())  # the stored pixels, uint8
+                assert labels.tolist() == whole.labels[rows].tolist()
+                seen[rank] += rows.tolist()
+
+        threads = [threading.Thread(target=consume, args=(r,)) for r in range(world)]  # a split is read by all ranks at once
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        if failures:
+            raise failures[0]
+        rows = seen[0] + seen[1]
+        assert len(seen[0]) == len(seen[1]) == (len(whole) // world) // batch * batch
+        assert len(set(rows)) == len(rows)  # no row twice in an epoch, on one rank or across ranks
+        orders.append(rows)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+def test_a_streamed_teacher_learns_and_resumes_after_a_killed_worker(small, tmp_path, capfd):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.stages import run_training_stage
+    from pipeline.tracking import tracked
+
+    cfg, _ = small
+    marker = tmp_path / "killed-once"
+
+    def kill_rank_1_after_epoch_2_once(epoch, rank, marker=str(marker)):
+        import os
+        import time
+
+        if epoch == 2 and rank == 1 and not os.path.exists(marker):
+            open(marker, "w").close()
+            time.sleep(4)  # lets Ray's controller collect this epoch's report first
+            os._exit(1)
+
+    with tracked(cfg, "teacher") as tracker:
+        result = run_training_stage(cfg, "teacher", tracker, log=lambda *_: None, after_epoch=kill_rank_1_after_epoch_2_once)
+    assert marker.exists(), "the fault was not injected"
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3]
+    assert result["val_acc"] > 1 / NUM_CLASSES + 0.4, result["history"]  # as the memory-mode teacher in test_training
+    steps = sorted(m.step for m in MlflowClient(cfg.tracking.uri).get_metric_history(result["mlflow"]["run_id"], "train_loss"))
+    assert steps == [1, 2, 3]  # an epoch run twice is logged once
+    seen = ""
+    for _ in range(30):
+        seen += "".join(capfd.readouterr())
+        if "[teacher] resuming after epoch" in seen:
+            break
+        time.sleep(0.5)
+    assert "[teacher] resuming after epoch" in seen, seen[-2000:]

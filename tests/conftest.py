@@ -122,3 +122,17 @@ def folder_tree(tmp_path) -> Path:
     (root / "README.txt").write_text("not an image")
     (root / "crocus" / "notes.md").write_text("not an image either")
     return root
+
+
+def wait_for_output(capfd, text: str, tries: int = 30) -> str:
+    """What the workers printed (Ray forwards their lines to this process a little later), read
+    until ``text`` shows up or ``tries`` half-seconds pass; the caller asserts on it."""
+    import time
+
+    seen = ""
+    for _ in range(tries):
+        seen += "".join(capfd.readouterr())
+        if text in seen:
+            break
+        time.sleep(0.5)
+    return seen

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import RAY, free_port
+from tests.conftest import RAY, free_port, wait_for_output
 
 SECOND = "second_node"
 
@@ -126,11 +126,6 @@ def test_the_pipeline_spans_both_nodes_on_an_object_store_and_resumes_a_worker_k
     assert len([c for c in checkpoints if "/distill-" in c]) >= 2, sorted(checkpoints)
     assert storage.is_file(storage.join(student["best_checkpoint"], "model.pt"))
     # The restarted workers began from a checkpoint, not from scratch (both nodes' logs reach this driver).
-    seen_logs = ""
-    for _ in range(30):
-        seen_logs += "".join(capfd.readouterr())
-        if "[distill] resuming after epoch" in seen_logs:
-            break
-        time.sleep(0.5)
+    seen_logs = wait_for_output(capfd, "[distill] resuming after epoch")
     assert "[distill] resuming after epoch" in seen_logs, seen_logs[-2000:]
     assert 1 <= int(seen_logs.split("[distill] resuming after epoch ")[1].split()[0]) <= 2

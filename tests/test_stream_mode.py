@@ -3,7 +3,6 @@ rows across the ranks, the streamed pixels are the stored ones, and a stage trai
 after a killed worker, as in memory mode."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from pipeline.config import load_config
 from pipeline.data.loading import load_split
 from pipeline.data.preprocess import preprocess
 from pipeline.data.streaming import data_mode, epoch_batches, split_paths, stream_dataset
+from tests.conftest import wait_for_output
 
 NUM_CLASSES = 5
 
@@ -101,10 +101,5 @@ def test_a_streamed_teacher_learns_and_resumes_after_a_killed_worker(small, tmp_
     assert result["val_acc"] > 1 / NUM_CLASSES + 0.4, result["history"]  # as the memory-mode teacher in test_training
     steps = sorted(m.step for m in MlflowClient(cfg.tracking.uri).get_metric_history(result["mlflow"]["run_id"], "train_loss"))
     assert steps == [1, 2, 3]  # an epoch run twice is logged once
-    seen = ""
-    for _ in range(30):
-        seen += "".join(capfd.readouterr())
-        if "[teacher] resuming after epoch" in seen:
-            break
-        time.sleep(0.5)
+    seen = wait_for_output(capfd, "[teacher] resuming after epoch")
     assert "[teacher] resuming after epoch" in seen, seen[-2000:]

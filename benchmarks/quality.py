@@ -56,6 +56,11 @@ STUDENTS = {
                                      "distill.epochs=8", "distill.lr=0.001", "distill.weight_decay=0.0001",
                                      "distill.warmup_epochs=0.5"],
                      ["distill.type=soft", "distill.alpha=0.9", "distill.temperature=1.0"]),
+    # The same Lite0 architecture without ImageNet weights of its own: alone it starts from scratch;
+    # distilled it starts from the teacher's weights (weight selection) and learns from its views.
+    "lite0_scratch": Student("lite0_scratch", False, ["distill.student=tf_efficientnet_lite0", "distill.epochs=10"],
+                             ["distill.student_pretrained=teacher", "distill.type=soft", "distill.alpha=0.5",
+                              "distill.temperature=2.0"]),
 }
 
 
@@ -93,7 +98,7 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
     with tracked(cfg, "quality") as tracker:
         t0 = time.perf_counter()
         teacher = run_training_stage(cfg, "teacher", tracker, log=log, shard_dir=shard_dir)
-        runs.append(("teacher", None, False, {**teacher, "stage_s": time.perf_counter() - t0}))
+        runs.append(("teacher", None, False, {**teacher, "stage_s": time.perf_counter() - t0, "init": cfg.teacher.pretrained}))
         label_s = None
         for key in students:
             student = STUDENTS[key]
@@ -109,7 +114,8 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
                     label_s = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 result = run_training_stage(scfg, "distill", tracker, log=log, shard_dir=shard_dir)
-                runs.append((role, student, distilled, {**result, "stage_s": time.perf_counter() - t0}))
+                runs.append((role, student, distilled, {**result, "stage_s": time.perf_counter() - t0,
+                                                        "init": scfg.distill.student_pretrained}))
     report = build_report(tracker.uri, cfg.tracking.experiment, out, log=log)
     measured = {row["role"]: row for row in report["rows"]}
     entries = []
@@ -120,13 +126,18 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
         low, high = wilson_interval(round(top1 * n), n)
         entries.append({
             "role": role, "arch": row.get("arch") or result.get("arch"), "distilled": distilled,
-            "pretrained": True if student is None else student.pretrained, "val_top1": top1,
+            "pretrained": True if student is None else student.pretrained, "init": _INIT.get(result["init"], result["init"]),
+            "val_top1": top1,
             "val_top1_ci95": [low, high], "val_count": n, "agreement": row.get("agreement"),
             "train_s": _train_seconds(result), "stage_s": None if result.get("skipped") else result["stage_s"],
             "epochs": len(result.get("history", [])), "params_m": row.get("params_m"), "latency_ms": row.get("latency_ms"),
             "model": result["best_checkpoint"], "mlflow_run_id": result["mlflow"]["run_id"],
         })
     return {"entries": entries, "label_s": label_s, "report": report}
+
+
+# How a model's weights start: its own ImageNet weights, random, or selected from the teacher's.
+_INIT = {"package": "ImageNet", "hub": "ImageNet", "none": "scratch", "teacher": "teacher weights"}
 
 
 def _pct(v: float | None) -> str:
@@ -139,11 +150,11 @@ def _num(v: float | None, decimals: int) -> str:
 
 def markdown(result: dict) -> str:
     """The table, plus the gain of each distilled student over the same architecture alone."""
-    lines = ["| model | arch | pretrained | distilled | val top-1 % [95 % CI] | agreement w/ teacher % | epochs | train s "
+    lines = ["| model | arch | init | distilled | val top-1 % [95 % CI] | agreement w/ teacher % | epochs | train s "
              "| params M | CPU ms/img |", "|" + "---|" * 10]
     for e in result["entries"]:
         low, high = e["val_top1_ci95"]
-        lines.append(f"| {e['role']} | {e['arch']} | {'yes' if e['pretrained'] else 'no'} | {'yes' if e['distilled'] else 'no'} "
+        lines.append(f"| {e['role']} | {e['arch']} | {e['init']} | {'yes' if e['distilled'] else 'no'} "
                      f"| {_pct(e['val_top1'])} [{_pct(low)}, {_pct(high)}] | {_pct(e['agreement'])} | {e['epochs']} "
                      f"| {e['train_s']:.0f} | {_num(e['params_m'], 2)} | {_num(e['latency_ms'], 1)} |")
     by_role = {e["role"]: e for e in result["entries"]}

@@ -135,10 +135,12 @@ def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def baseline_config(cfg: PipelineConfig) -> PipelineConfig:
-    """``distill.baseline``: the configured student trained on labels alone (``distill.type=none``)."""
+    """``distill.baseline``: the configured student trained on labels alone (``distill.type=none``),
+    from its own initialisation (a student that starts from the teacher's weights starts from scratch)."""
     # distill.baseline stays as it was, so that it does not show as a difference between the two runs.
+    own_init = "none" if cfg.distill.student_pretrained == "teacher" else cfg.distill.student_pretrained
     d = cfg.distill.model_copy(update={"method": "deit", "type": "none", "name": None, "teacher_views": 0,
-                                       "teacher_input_size": None})
+                                       "teacher_input_size": None, "student_pretrained": own_init})
     return cfg.model_copy(update={"distill": d})
 
 

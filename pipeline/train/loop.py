@@ -71,8 +71,20 @@ class LoopContext:
     train_stream: Any = None
 
 
+def share_rank0_buffers(model: torch.nn.Module, world: int) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP broadcasts them only at
+    the next training forward, so after an epoch each rank holds its own last update; evaluated so,
+    the validation score would not be that of the model rank 0 saves (seen: 94.5 % per epoch
+    against 93.9 % re-measured on the published Lite0)."""
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, world: int, batch: int = 256) -> dict[str, float]:
-    """Loss, accuracy per head, teacher accuracy and agreement over the whole split, reduced across ranks."""
+    """Loss, accuracy per head, teacher accuracy and agreement over the whole split, reduced across
+    ranks, all with rank 0's weights and buffers (the model it checkpoints)."""
+    share_rank0_buffers(model, world)
     device = val.images.device
     keys: list[str] = []
     sums: torch.Tensor | None = None

@@ -83,7 +83,8 @@ def stage_kind(cfg: PipelineConfig, stage: str) -> StageKind:
 
 
 def stage_role(cfg: PipelineConfig, stage: str) -> str:
-    """What a stage's model is in a comparison: teacher, baseline (no teacher), deit-soft, funmatch-fixed_teacher, ..."""
+    """What a stage's model is in a comparison: teacher, baseline (no teacher), teacher-init (labels only, started from
+    the teacher's weights), deit-soft, funmatch-fixed_teacher, ..."""
     kind = stage_kind(cfg, stage)
     d = cfg.distill
     if kind is StageKind.TEACHER:
@@ -92,7 +93,10 @@ def stage_role(cfg: PipelineConfig, stage: str) -> str:
         return d.name
     if kind is StageKind.FUNMATCH:
         return f"funmatch-{d.teaching}"
-    return "baseline" if d.type == "none" else f"deit-{d.type}"
+    if d.type == "none":
+        # labels only: the baseline, unless the student starts from the teacher's weights
+        return "teacher-init" if d.student_pretrained == "teacher" else "baseline"
+    return f"deit-{d.type}"
 
 
 def stage_output_dir(cfg: PipelineConfig, stage: str) -> str:

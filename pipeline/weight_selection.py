@@ -62,6 +62,10 @@ def check_selectable(teacher_state: Mapping[str, torch.Tensor], student: nn.Modu
         if value.dim() != source.dim() or any(s > t for s, t in zip(value.shape, source.shape)):
             raise WeightSelectionError(f"{key}: the student's {tuple(value.shape)} is not a selection of the teacher's "
                                        f"{tuple(source.shape)}")
+        if key.endswith("pos_embed") and value.dim() == 3 and value.shape[1] != source.shape[1]:
+            # Selecting tokens would scramble the grid; a position table must be resampled instead.
+            raise WeightSelectionError(f"{key}: the student has {value.shape[1]} positions, the teacher {source.shape[1]}; "
+                                       "give the student the teacher's input size")
         shared.append(key)
     if len(shared) < len(own) / 2:
         missing = next(k for k in own if k not in teacher_state)

@@ -65,6 +65,16 @@ def test_a_student_of_another_family_or_a_larger_one_is_refused():
         select_weights(lite0, timm.create_model("tf_efficientnet_lite2", num_classes=5))
 
 
+def test_a_vit_at_another_input_size_is_refused_rather_than_scrambled():
+    small = timm.create_model("deit_tiny_patch16_224", num_classes=5).state_dict()
+    student = timm.create_model("deit_tiny_patch16_224", num_classes=5, img_size=112)
+    with pytest.raises(WeightSelectionError, match="pos_embed: the student has 50 positions, the teacher 197"):
+        select_weights(small, student)
+    # at the same size the positions are copied, the width selected
+    vit_small = timm.create_model("deit_small_patch16_224", num_classes=5).state_dict()
+    assert select_weights(vit_small, timm.create_model("deit_tiny_patch16_224", num_classes=5))["kept"] == 0
+
+
 def _publish_teacher(directory, arch="tf_efficientnet_lite2", num_classes=3):
     model = _trained_like(timm.create_model(arch, num_classes=num_classes))
     meta = {"arch": arch, "create_kwargs": {"num_classes": num_classes}, "mean": [0.5] * 3, "std": [0.25] * 3,
@@ -80,6 +90,7 @@ def test_plan_checks_the_family_before_any_work(tmp_path):
     # a student that only starts from the teacher's weights: the teacher is needed, but not in the loss
     assert plan.init_from_teacher and plan.teacher == str(tmp_path / "t") and not plan.uses_teacher
     assert plan.tags["student_init"] == "teacher" and plan.run_name.endswith("init=teacher")
+    assert plan.role == "teacher-init"  # labels only, but not the baseline: `run` still trains that beside it
     with pytest.raises(ConfigError, match="resnet10t cannot start from the teacher tf_efficientnet_lite2"):
         plan_stage(load_config(None, [*base, "distill.student=resnet10t"]), "distill", "s")
     # the fingerprint follows the teacher: a retrained teacher is a new student

@@ -179,26 +179,25 @@ def _validate(cfg: PipelineConfig, kind: StageKind) -> str | None:
     _check_weights(d.student_pretrained, d.student, "distill.student_pretrained")
     if d.student_pretrained == "teacher":
         source = teacher_source(cfg)
-        _check_selectable(source, d.student)
+        _check_selectable(source, d.student, stage_train(cfg, "distill").crop_size or cfg.data.image_size)
         return source
     return teacher_source(cfg) if d.type != "none" or kind is StageKind.FUNMATCH else None
 
 
-def _check_selectable(teacher: str, student: str) -> None:
+def _check_selectable(teacher: str, student: str, crop: int) -> None:
     """``distill.student_pretrained=teacher`` fails here, before any work, when the student is not a
     smaller model of the teacher's family (checked on the architectures, without their weights)."""
     if teacher.startswith(("models:/", "runs:/")) or not storage.is_dir(teacher):
         return  # a registry model is checked where it is loaded, on the workers
-    import timm
     import torch
 
-    from pipeline.models import model_from_meta
+    from pipeline.models import build_student, model_from_meta
     from pipeline.weight_selection import WeightSelectionError, check_selectable
 
     meta = checkpoints.read_meta(teacher)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         big = model_from_meta(meta)
-        small = timm.create_model(student, num_classes=meta["create_kwargs"].get("num_classes", 1000))
+        small, _ = build_student(student, "none", meta["create_kwargs"].get("num_classes", 1000), crop, 0.0)
     try:
         check_selectable(big.state_dict(), small)
     except WeightSelectionError as exc:

@@ -93,6 +93,10 @@ def test_plan_checks_the_family_before_any_work(tmp_path):
     assert plan.role == "teacher-init"  # labels only, but not the baseline: `run` still trains that beside it
     with pytest.raises(ConfigError, match="resnet10t cannot start from the teacher tf_efficientnet_lite2"):
         plan_stage(load_config(None, [*base, "distill.student=resnet10t"]), "distill", "s")
+    _publish_teacher(tmp_path / "vit", arch="deit_small_patch16_224")  # a ViT teacher at 224, the student at 112
+    with pytest.raises(ConfigError, match="pos_embed: the student has 50 positions"):
+        plan_stage(load_config(None, [*base, f"distill.teacher={tmp_path / 'vit'}", "distill.student=deit_tiny_patch16_224",
+                                      "data.image_size=128", "distill.crop_size=112"]), "distill", "s")
     # the fingerprint follows the teacher: a retrained teacher is a new student
     other = plan_stage(load_config(None, [*base, "distill.student=tf_efficientnet_lite0", "distill.type=none",
                                           "distill.student_pretrained=none"]), "distill", "s")

@@ -25,7 +25,7 @@ smoke: $(STAMP)
 	$(PY) -m pipeline run --config configs/tf_flowers_smoke.yaml data.path=$(FLOWERS) \
 		tracking.uri=sqlite:///$(CURDIR)/outputs/tf_flowers_smoke/mlflow.db
 
-# The quality protocol on real photos (docs/quality.md): 45-90 min on 2 CPUs, depending on the students.
+# The quality protocol on real photos (docs/quality.md): about 105 min on 2 CPUs with all four students (--students for fewer).
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py --out outputs/quality --photos $(FLOWERS)
 

@@ -75,10 +75,10 @@ def test_a_vit_at_another_input_size_is_refused_rather_than_scrambled():
     assert select_weights(vit_small, timm.create_model("deit_tiny_patch16_224", num_classes=5))["kept"] == 0
 
 
-def _publish_teacher(directory, arch="tf_efficientnet_lite2", num_classes=3):
+def _publish_teacher(directory, arch="tf_efficientnet_lite2", num_classes=3, checkpoint_id="first"):
     model = _trained_like(timm.create_model(arch, num_classes=num_classes))
     meta = {"arch": arch, "create_kwargs": {"num_classes": num_classes}, "mean": [0.5] * 3, "std": [0.25] * 3,
-            "input_size": 64, "class_names": [f"c{i}" for i in range(num_classes)]}
+            "input_size": 64, "class_names": [f"c{i}" for i in range(num_classes)], "checkpoint_id": checkpoint_id}
     checkpoints.save(str(directory), model.state_dict(), meta)
     return model
 
@@ -97,10 +97,15 @@ def test_plan_checks_the_family_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="pos_embed: the student has 50 positions"):
         plan_stage(load_config(None, [*base, f"distill.teacher={tmp_path / 'vit'}", "distill.student=deit_tiny_patch16_224",
                                       "data.image_size=128", "distill.crop_size=112"]), "distill", "s")
-    # the fingerprint follows the teacher: a retrained teacher is a new student
-    other = plan_stage(load_config(None, [*base, "distill.student=tf_efficientnet_lite0", "distill.type=none",
-                                          "distill.student_pretrained=none"]), "distill", "s")
-    assert other.fingerprint != plan.fingerprint and other.teacher is None
+    # the fingerprint follows the teacher even though the loss does not use it: a retrained teacher
+    # (a new checkpoint id in the same directory) is a new student, and the same teacher the same one
+    same = [*base, "distill.student=tf_efficientnet_lite0", "distill.type=none"]
+    assert plan_stage(load_config(None, same), "distill", "s").fingerprint == plan.fingerprint
+    _publish_teacher(tmp_path / "t", checkpoint_id="retrained")
+    assert plan_stage(load_config(None, same), "distill", "s").fingerprint != plan.fingerprint
+    # a student from scratch needs no teacher at all
+    scratch = plan_stage(load_config(None, [*same, "distill.student_pretrained=none"]), "distill", "s")
+    assert scratch.teacher is None and not scratch.init_from_teacher
 
 
 def test_the_stage_student_computes_with_the_teacher_s_normalisation(tmp_path):

@@ -124,14 +124,14 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
     entries = []
     for role, student, distilled, result in runs:
         row = measured.get(role, {})
-        n = row.get("val_count") or result["evaluation"]["val"]["count"]
-        top1 = row.get("val_top1", result["evaluation"]["val"]["top1"])
+        n = row.get("val_count") or result["metrics"]["val_count"]
+        top1 = row.get("val_top1", result["metrics"]["val_top1"])
         low, high = wilson_interval(round(top1 * n), n)
         entries.append({
             "role": role, "arch": row.get("arch") or result.get("arch"), "distilled": distilled,
             "pretrained": True if student is None else student.pretrained, "init": _INIT.get(result["init"], result["init"]),
             "val_top1": top1,
-            "val_top1_ci95": [low, high], "val_count": n, "agreement": row.get("agreement"),
+            "val_top1_ci95": [low, high], "val_count": n, "val_agreement": row.get("val_agreement"),
             "train_s": _train_seconds(result), "stage_s": None if result.get("skipped") else result["stage_s"],
             "epochs": len(result.get("history", [])), "params_m": row.get("params_m"), "latency_ms": row.get("latency_ms"),
             "model": result["best_checkpoint"], "mlflow_run_id": result["mlflow"]["run_id"],
@@ -158,7 +158,7 @@ def markdown(result: dict) -> str:
     for e in result["entries"]:
         low, high = e["val_top1_ci95"]
         lines.append(f"| {e['role']} | {e['arch']} | {e['init']} | {'yes' if e['distilled'] else 'no'} "
-                     f"| {_pct(e['val_top1'])} [{_pct(low)}, {_pct(high)}] | {_pct(e['agreement'])} | {e['epochs']} "
+                     f"| {_pct(e['val_top1'])} [{_pct(low)}, {_pct(high)}] | {_pct(e['val_agreement'])} | {e['epochs']} "
                      f"| {e['train_s']:.0f} | {_num(e['params_m'], 2)} | {_num(e['latency_ms'], 1)} |")
     by_role = {e["role"]: e for e in result["entries"]}
     gains = []

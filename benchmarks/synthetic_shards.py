@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.loading import read_manifest
-from pipeline.data.preprocess import FORMAT_VERSION, ROW_GROUP_BYTES, fixed_size_binary_column
+from pipeline.data.columns import FORMAT_VERSION, fixed_size_binary_column
+from pipeline.data.preprocess import ROW_GROUP_BYTES
 
 ROWS_PER_FILE = 1000
 

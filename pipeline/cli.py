@@ -40,11 +40,11 @@ def _run_preprocess(cfg: PipelineConfig, args: argparse.Namespace, force: bool |
 def _print_training(result: dict[str, Any]) -> None:
     if result.get("skipped"):
         return
-    ev = result["evaluation"].get("val", {})
-    heads = "".join(f", {k} {v:.3f}" for k, v in ev.items() if k.startswith("top1_"))
+    scores = result["metrics"]
+    heads = "".join(f", {k} {v:.3f}" for k, v in scores.items() if k.startswith("val_top1_"))
     m = result["mlflow"]
     registered = f", registered {m['registered']} ({m['alias']})" if m.get("registered") else ""
-    print(f"{result.get('role', result['stage'])}: best epoch {result['best_epoch']}, val top-1 {ev.get('top1', float('nan')):.3f}{heads}; "
+    print(f"{result.get('role', result['stage'])}: best epoch {result['best_epoch']}, val_top1 {scores.get('val_top1', float('nan')):.3f}{heads}; "
           f"model in {result['best_checkpoint']}; MLflow run {m['run_id']}{registered}")
 
 

@@ -236,11 +236,32 @@ class SweepConfig(_Section):
     search: Literal["random", "grid"] = Field("random", description="grid: every combination of 'choice' values")
     num_samples: int = Field(4, ge=1, description="random: trials; grid: repeats of the whole grid")
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster's CPUs/GPUs fit")
-    metric: str = "val_acc"
+    metric: str = Field("val_top1", description="a per-epoch metric (see docs/mlflow.md): val_top1, val_loss, val_agreement, ...")
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial gets before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
+
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value in EPOCH_METRICS or value.startswith("train_loss_"):
+            return value
+        if value in RENAMED_METRICS:
+            raise ValueError(f"the metric {value!r} is now called {RENAMED_METRICS[value]!r} (one name per metric everywhere)")
+        close = difflib.get_close_matches(value, EPOCH_METRICS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{value!r} is not a per-epoch metric{hint} Known: {', '.join(EPOCH_METRICS)}, train_loss_<part>")
+
+
+#: What every training epoch reports (Ray, MLflow, the history); the published model's scores reuse
+#: the val_/test_ names, prefixed final_ in MLflow.
+EPOCH_METRICS = ("val_top1", "val_loss", "val_count", "val_top1_cls", "val_top1_dist", "val_teacher_top1", "val_agreement", "val_kl",
+                 "train_loss", "train_top1", "lr", "images_per_s", "epoch_time_s")
+#: Names used before 2026-12-06, refused with the new name.
+RENAMED_METRICS = {"val_acc": "val_top1", "train_acc": "train_top1", "val_acc_cls": "val_top1_cls",
+                   "val_acc_dist": "val_top1_dist", "val_teacher_acc": "val_teacher_top1", "best_val_acc": "val_top1"}
 
 
 class PipelineConfig(_Section):

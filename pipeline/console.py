@@ -99,7 +99,7 @@ class ProgressSender:
         self._send({"kind": "step", "epoch": epoch, "step": step + 1, "steps": steps, "loss": float(loss_fn())})
 
     def epoch(self, metrics: dict[str, Any], steps: int) -> None:
-        keep = ("epoch", "train_loss", "train_acc", "val_acc", "images_per_s", "epoch_time_s")
+        keep = ("epoch", "train_loss", "train_top1", "val_top1", "images_per_s", "epoch_time_s")
         self._send({"kind": "epoch", "steps": steps, **{k: metrics[k] for k in keep if k in metrics}})
 
     def resumed(self, after_epoch: int) -> None:
@@ -181,7 +181,7 @@ class ProgressDisplay:
         done = e["epoch"]
         eta = (time.monotonic() - self.started) / max(done, 1) * (self.epochs - done)
         text = (f"epoch {done}/{self.epochs} loss {e.get('train_loss', float('nan')):.4f} "
-                f"val_acc {e.get('val_acc', float('nan')):.3f} {e.get('images_per_s', 0):.0f} img/s "
+                f"val_top1 {e.get('val_top1', float('nan')):.3f} {e.get('images_per_s', 0):.0f} img/s "
                 f"{e.get('epoch_time_s', 0):.1f} s" + (f", ETA {_clock(eta)}" if done < self.epochs else ""))
         if self.live:
             bar = self._live_bar(e["steps"])

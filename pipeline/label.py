@@ -37,7 +37,7 @@ import torch
 from pipeline import storage
 from pipeline.config import PipelineConfig, fingerprint, stage_train
 from pipeline.data import augment
-from pipeline.data.loading import gather_binary, read_manifest
+from pipeline.data.loading import fixed_size_binary_column, gather_binary, read_manifest
 from pipeline.data.row_groups import read_files
 from pipeline.data.sources import DataError
 
@@ -99,7 +99,7 @@ def decode_outputs(table: pa.Table, num_classes: int) -> torch.Tensor:
 
 
 def _binary_rows(rows: np.ndarray) -> pa.Array:
-    return pa.array([r.tobytes() for r in np.ascontiguousarray(rows)], type=pa.binary())
+    return fixed_size_binary_column(rows)
 
 
 def _rows_of(column: pa.ChunkedArray, dtype, width: int | None) -> np.ndarray:
@@ -107,7 +107,7 @@ def _rows_of(column: pa.ChunkedArray, dtype, width: int | None) -> np.ndarray:
     are (one copy); ``width=None`` takes it from the first cell (top-k rows)."""
     itemsize = np.dtype(dtype).itemsize
     if width is None:
-        width = len(column[0].as_py()) // itemsize if len(column) else 0
+        width = column.type.byte_width // itemsize
     rows = gather_binary(column, np.arange(len(column)), (width * itemsize,))
     return rows.view(dtype).reshape(len(column), width)
 

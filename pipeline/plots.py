@@ -19,7 +19,7 @@ def _save(fig, path: str) -> str:
 
 
 def learning_curves(history: list[dict[str, float]], path: str, title: str) -> str:
-    """Loss and accuracy per epoch, titled with the model; the best epoch (by val_acc) marked."""
+    """Loss and accuracy per epoch, titled with the model; the best epoch (by val_top1) marked."""
     return _save(learning_curves_figure(history, title), path)
 
 
@@ -31,15 +31,15 @@ def learning_curves_figure(history: list[dict[str, float]], title: str):
     for key in ("train_loss", "val_loss"):
         if all(key in h for h in history):
             ax_loss.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    for key in ("train_acc", "val_acc", "val_acc_cls", "val_acc_dist", "val_teacher_acc", "val_agreement"):
+    for key in ("train_top1", "val_top1", "val_top1_cls", "val_top1_dist", "val_teacher_top1", "val_agreement"):
         if all(key in h for h in history):
             ax_acc.plot(epochs, [h[key] for h in history], marker="o", label=key)
-    scored = [h for h in history if h.get("val_acc") is not None]
+    scored = [h for h in history if h.get("val_top1") is not None]
     if scored:
-        best = max(scored, key=lambda h: h["val_acc"])
+        best = max(scored, key=lambda h: h["val_top1"])
         for ax in (ax_loss, ax_acc):
             ax.axvline(best["epoch"], color="grey", linestyle="--", linewidth=1)
-        ax_acc.annotate(f"best: epoch {best['epoch']}, val_acc {best['val_acc']:.3f}", (best["epoch"], best["val_acc"]),
+        ax_acc.annotate(f"best: epoch {best['epoch']}, val_top1 {best['val_top1']:.3f}", (best["epoch"], best["val_top1"]),
                         textcoords="offset points", xytext=(-10, -16), ha="right", fontsize=8)
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
@@ -134,7 +134,7 @@ def plot_accuracy_agreement(rows: list[dict[str, Any]], path: str) -> str:
     width = 0.38
     bars = ax.bar([x - width / 2 for x in xs], [r["val_top1"] for r in rows], width, label="val top-1")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    agree = [(x, r["agreement"]) for x, r in zip(xs, rows) if r["agreement"] is not None]
+    agree = [(x, r["val_agreement"]) for x, r in zip(xs, rows) if r["val_agreement"] is not None]
     if agree:
         bars = ax.bar([x + width / 2 for x, _ in agree], [a for _, a in agree], width, label="agreement with teacher")
         ax.bar_label(bars, fmt="%.2f", fontsize=8)  # makes an agreement of 0 visible too

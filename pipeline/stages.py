@@ -61,6 +61,8 @@ def finished_stage(cfg: PipelineConfig, plan: StagePlan, tracking_uri: str | Non
         done = storage.read_json(storage.join(plan.output_dir, "result.json"))
     except (OSError, ValueError):
         return None
+    if "metrics" not in done:  # written by an older version: publish again (from the finished Ray run, no retraining)
+        return None
     if done.get("ray_run_name") != plan.ray_run or not storage.is_file(storage.join(done.get("best_checkpoint", ""), checkpoints.META_FILE)):
         return None
     tracked_at = done.get("mlflow", {})
@@ -190,7 +192,7 @@ def _trainer(cfg: PipelineConfig, plan: StagePlan, results_dir: str, worker_extr
             name=plan.ray_run,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_acc",
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_top1",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks,
@@ -205,7 +207,7 @@ def _publish(plan: StagePlan, fitted: _Fitted) -> tuple[str, dict[str, Any], Any
     """Copy the best checkpoint to ``<stage output>/best`` without its optimiser state, under a new
     checkpoint id; returns (that directory, the checkpoint's metrics, the model and its meta,
     loaded from the local copy so an object store is not read back)."""
-    best_ckpt, best_metrics = max(fitted.result.best_checkpoints, key=lambda cm: cm[1].get("val_acc", -1.0))
+    best_ckpt, best_metrics = max(fitted.result.best_checkpoints, key=lambda cm: cm[1].get("val_top1", -1.0))
     best_dir = storage.join(plan.output_dir, "best")
     # A result.json left by an earlier run must not vouch for the model being replaced now.
     storage.delete_file(storage.join(plan.output_dir, "result.json"))
@@ -249,33 +251,29 @@ def _record(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, fitted: _Fit
                 json.dump(manifest, f, indent=2)
             for path in (curves, conf, conf_norm, os.path.join(local, "config.yaml"), manifest_copy):
                 tracker.log_artifact(run_id, path)
+    scores = _published_scores(evaluation, best_metrics)
     model_uri = version = None
     if cfg.tracking.log_models:
         from pipeline.evaluate import model_inputs
 
-        val = evaluation["val"]
-        version_tags = {**plan.tags, "val_top1": f"{val['top1']:.4f}", "run_id": run_id or ""}
-        description = (f"{plan.run_name}: val top-1 {val['top1']:.3f} on {val['count']} validation images "
+        version_tags = {**plan.tags, "val_top1": f"{scores['val_top1']:.4f}", "run_id": run_id or ""}
+        description = (f"{plan.run_name}: val top-1 {scores['val_top1']:.3f} on {scores['val_count']} validation images "
                        f"({cfg.data.source}); MLflow run {run_id}, Ray run {plan.ray_run}")
         model_uri, version = tracker.log_model(run_id, model, meta, model_inputs(val_images[:2], meta), plan.registered_model,
                                                version_tags, description)
     # A few single values, not a copy of every per-epoch metric at the best epoch: each would be one
-    # more one-point chart ahead of val_acc in the run's metrics tab.
+    # more one-point chart ahead of val_top1 in the run's metrics tab.
     summary = {"best_epoch": best_metrics.get("epoch", 0)}
-    for split, e in evaluation.items():
-        summary[f"final_{split}_top1"] = e["top1"]
-        summary.update({f"final_{split}_{k}": v for k, v in e.items() if k.startswith("top1_")})
-    if best_metrics.get("val_agreement") is not None:
-        summary["final_val_agreement"] = best_metrics["val_agreement"]
+    summary.update({f"final_{k}": v for k, v in scores.items() if "top1" in k or k.endswith("agreement")})
     EpochLogger(tracker.uri, run_id, cfg.tracking.fail_fast, once_per_step=False).log(summary, step=int(best_metrics.get("epoch", 0)))
     # Where the published model and its data live, so `pipeline report` can find them from the run alone.
     tracker.set_tags(run_id, {"best_checkpoint": best_dir, "shard_dir": plan.shard_dir, "role": plan.role})
     tracker.end(run_id)
     result = {
         "stage": plan.stage, "role": plan.role, "arch": plan.arch, "run_name": plan.run_name, "output": plan.output_dir, "ray_run": fitted.run_dir, "ray_run_name": plan.ray_run,
-        "best_checkpoint": best_dir, "best_epoch": best_metrics.get("epoch"), "val_acc": best_metrics.get("val_acc"),
-        "agreement": best_metrics.get("val_agreement"), "seconds": round(time.time() - fitted.started, 1),
-        "evaluation": {s: {k: v for k, v in e.items() if k != "confusion"} for s, e in evaluation.items()},
+        "best_checkpoint": best_dir, "best_epoch": best_metrics.get("epoch"), "seconds": round(time.time() - fitted.started, 1),
+        # The published model's scores, under the names of the per-epoch series (val_top1, ...).
+        "metrics": scores, "per_class": {split: e["per_class"] for split, e in evaluation.items()},
         "history": history,
         "mlflow": {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment, "run_id": run_id, "model_uri": model_uri,
                    "registered": f"models:/{plan.registered_model}/{version}" if version else None,
@@ -288,15 +286,26 @@ def _record(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, fitted: _Fit
     return result
 
 
+def _published_scores(evaluation: dict[str, dict[str, Any]], best_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The published model's scores on each split, named as everywhere (``val_top1``, ``test_top1``,
+    ``val_top1_cls``...); its agreement with the teacher comes from training's validation at the best
+    epoch, where the teacher was at hand (the same model and images)."""
+    scores = {f"{split}_{k}": v for split, e in evaluation.items() for k, v in e.items()
+              if k in ("count", "loss") or k.startswith("top1")}
+    if best_metrics.get("val_agreement") is not None:
+        scores["val_agreement"] = best_metrics["val_agreement"]
+    return scores
+
+
 def _final_evaluation(plan: StagePlan, manifest: dict[str, Any], model, meta: dict[str, Any]):
     """Per-class and per-head accuracy and the confusion matrix of the published model on val (and test)."""
-    from pipeline.evaluate import accuracy_report, predict_logits
+    from pipeline.evaluate import evaluate_model
 
     evaluation, val_images = {}, None
     for split in ("val", "test"):
         if manifest["split_sizes"][split]:
             part = load_split(plan.shard_dir, split)
-            evaluation[split] = accuracy_report(predict_logits(model, part.images, meta), part.labels, meta["class_names"])
+            evaluation[split] = evaluate_model(model, part.images, part.labels, meta)
             val_images = part.images if split == "val" else val_images
     return evaluation, val_images
 

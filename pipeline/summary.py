@@ -47,10 +47,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def training_row(result: dict[str, Any]) -> tuple[str, ...]:
     """(stage, model, val top-1, agreement, time, where) for a training stage's result."""
-    ev = result.get("evaluation", {}).get("val", {})
+    scores = result.get("metrics", {})
     seconds = result.get("seconds")
     status = "reused" if result.get("skipped") else (f"{seconds:.0f} s" if seconds is not None else "-")
-    return (result.get("role", result["stage"]), result.get("arch", "-"), _fmt(ev.get("top1")), _fmt(result.get("agreement")),
+    return (result.get("role", result["stage"]), result.get("arch", "-"), _fmt(scores.get("val_top1")), _fmt(scores.get("val_agreement")),
             status, result["best_checkpoint"])
 
 

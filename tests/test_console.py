@@ -32,7 +32,7 @@ class _Queue:
 
 
 def _epoch(e, acc):
-    return {"epoch": e, "train_loss": 1.0 / e, "val_acc": acc, "images_per_s": 120.0, "epoch_time_s": 4.0}
+    return {"epoch": e, "train_loss": 1.0 / e, "val_top1": acc, "images_per_s": 120.0, "epoch_time_s": 4.0}
 
 
 def test_plain_lines_one_per_epoch_and_a_rerun_epoch_is_not_printed_twice():
@@ -49,10 +49,10 @@ def test_plain_lines_one_per_epoch_and_a_rerun_epoch_is_not_printed_twice():
         sender.epoch(_epoch(3, 0.7), 5)
     lines = out.getvalue().splitlines()
     assert lines == [
-        "baseline resnet10t: epoch 1/3 loss 1.0000 val_acc 0.500 120 img/s 4.0 s, ETA " + lines[0].rsplit("ETA ", 1)[1],
-        "baseline resnet10t: epoch 2/3 loss 0.5000 val_acc 0.600 120 img/s 4.0 s, ETA " + lines[1].rsplit("ETA ", 1)[1],
+        "baseline resnet10t: epoch 1/3 loss 1.0000 val_top1 0.500 120 img/s 4.0 s, ETA " + lines[0].rsplit("ETA ", 1)[1],
+        "baseline resnet10t: epoch 2/3 loss 0.5000 val_top1 0.600 120 img/s 4.0 s, ETA " + lines[1].rsplit("ETA ", 1)[1],
         "baseline resnet10t: resuming after epoch 1 (from the last checkpoint)",
-        "baseline resnet10t: epoch 3/3 loss 0.3333 val_acc 0.700 120 img/s 4.0 s",
+        "baseline resnet10t: epoch 3/3 loss 0.3333 val_top1 0.700 120 img/s 4.0 s",
     ]
     assert all(":" in line.rsplit("ETA ", 1)[1] for line in lines[:2])  # m:ss
 
@@ -64,7 +64,7 @@ def test_live_bar_advances_with_steps_and_epochs(monkeypatch):
     display.show({"kind": "step", "epoch": 0, "step": 3, "steps": 10, "loss": 1.25})
     assert display._bar.n == 3 and "loss 1.2500" in str(display._bar.postfix)
     display.show({"kind": "epoch", "steps": 10, **_epoch(1, 0.8)})
-    assert display._bar.n == 10 and "val_acc 0.800" in str(display._bar.postfix)
+    assert display._bar.n == 10 and "val_top1 0.800" in str(display._bar.postfix)
     display.show({"kind": "step", "epoch": 1, "step": 10, "steps": 10, "loss": 0.5})
     assert display._bar.n == display._bar.total == 20
     display._bar.close()
@@ -85,10 +85,8 @@ def test_the_summary_names_each_model_its_accuracy_and_the_commands():
     results = {
         "preprocess": {"split_sizes": {"train": 80, "val": 20, "test": 0}, "class_names": ["a", "b"], "reused": True,
                        "shard_dir": "/o/shards/x"},
-        "teacher": {"stage": "teacher", "role": "teacher", "arch": "tf_efficientnet_lite0", "evaluation": {"val": {"top1": 0.95}},
-                    "agreement": None, "seconds": 41.2, "best_checkpoint": "/o/teacher/best"},
-        "distill": {"stage": "distill", "role": "deit-soft", "arch": "deit_tiny", "evaluation": {"val": {"top1": 0.8125}},
-                    "agreement": 0.9, "skipped": True, "best_checkpoint": "/o/distill/deit-soft/best"},
+        "teacher": {"stage": "teacher", "role": "teacher", "arch": "tf_efficientnet_lite0", "metrics": {"val_top1": 0.95}, "seconds": 41.2, "best_checkpoint": "/o/teacher/best"},
+        "distill": {"stage": "distill", "role": "deit-soft", "arch": "deit_tiny", "metrics": {"val_top1": 0.8125, "val_agreement": 0.9}, "skipped": True, "best_checkpoint": "/o/distill/deit-soft/best"},
         "mlflow": {"tracking_uri": "sqlite:////o/mlflow.db", "experiment": "demo", "experiment_id": "3", "parent_run_id": "abc"},
     }
     buf = io.StringIO()

@@ -36,7 +36,7 @@ def test_stage_tracked_over_http_is_visible_through_the_rest_api(ray_local, serv
     assert teacher["info"]["status"] == "FINISHED" and parent["info"]["status"] == "FINISHED"
     assert tags(teacher)["mlflow.parentRunId"] == parent["info"]["run_id"]
     run_id = teacher["info"]["run_id"]
-    assert metric_steps(url, run_id, "val_acc") == [1, 2]
+    assert metric_steps(url, run_id, "val_top1") == [1, 2]
     assert metric_steps(url, run_id, "train_loss") == [1, 2]
     params = {p["key"]: p["value"] for p in teacher["data"]["params"]}
     assert params["teacher.epochs"] == "2"

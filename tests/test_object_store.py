@@ -12,7 +12,7 @@ from pipeline import storage
 from pipeline.checkpoints import load_model
 from pipeline.cli import main as cli_main
 from pipeline.data.loading import load_split
-from pipeline.evaluate import accuracy_report, predict_logits
+from pipeline.evaluate import evaluate_model
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_models_read_back_from_the_bucket_score_what_was_recorded(bucket_run):
         shard_dir = run.data.tags["shard_dir"]
         assert storage.is_uri(shard_dir)
         val = load_split(shard_dir, "val")
-        top1 = accuracy_report(predict_logits(model, val.images, meta), val.labels, meta["class_names"])["top1"]
+        top1 = evaluate_model(model, val.images, val.labels, meta)["top1"]
         assert top1 == pytest.approx(run.data.metrics["final_val_top1"])
 
 

@@ -35,7 +35,7 @@ def test_row_normalised_confusion_shows_each_class_recall():
 
 
 def test_learning_curves_mark_the_best_epoch_with_integer_ticks():
-    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc": 0.2 * e, "val_acc": acc}
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_top1": 0.2 * e, "val_top1": acc}
                for e, acc in zip(range(1, 5), [0.4, 0.7, 0.65, 0.6])]
     fig = plots.learning_curves_figure(history, "baseline resnet10t")
     ax_loss, ax_acc = fig.axes

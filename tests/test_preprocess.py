@@ -5,12 +5,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from pipeline.data import preprocess as prep
+from pipeline.data.columns import fixed_size_binary_column, gather_binary
 from pipeline.data.loading import load_split, read_manifest
 from pipeline.data.sources import DataError
 from tests.conftest import write_image
@@ -67,6 +70,23 @@ def test_round_trip_manifest_and_skips(ray_local, tmp_path, dirty_tree):
             seen[path] = split
     assert len(seen) == 32  # splits are disjoint
     assert (Path(result["shard_dir"]) / "config.yaml").is_file()
+    # pixels are a fixed-size column (no offsets to parse): Parquet's FIXED_LEN_BYTE_ARRAY
+    first = Path(result["shard_dir"]) / manifest["files"]["train"][0]
+    schema = pq.ParquetFile(first).schema
+    assert schema.column(schema.names.index("image")).physical_type == "FIXED_LEN_BYTE_ARRAY"
+    assert pq.read_schema(first).field("image").type == pa.binary(24 * 24 * 3)
+
+
+def test_shards_of_an_older_format_are_refused_with_the_rebuild_command(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 2, "image_shape": [24, 24, 3]}))
+    with pytest.raises(DataError, match=r"format 2.*reads format 3.*preprocess --force"):
+        read_manifest(str(tmp_path))
+    rows = np.arange(2 * 12, dtype=np.uint8).reshape(2, 12)
+    variable = pa.chunked_array([pa.array([r.tobytes() for r in rows], type=pa.binary())])  # format 2's column
+    with pytest.raises(DataError, match="binary cells, not the manifest's"):
+        gather_binary(variable, np.arange(2), (2, 2, 3))
+    fixed = pa.chunked_array([fixed_size_binary_column(rows)])
+    assert np.array_equal(gather_binary(fixed, np.array([1, 0]), (2, 2, 3)), rows[[1, 0]].reshape(2, 2, 2, 3))
 
 
 def test_reuse_force_and_rebuild_on_change(ray_local, tmp_path, folder_tree):

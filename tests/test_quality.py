@@ -55,9 +55,10 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
         assert report["count"] == 36 and 0.0 <= report["top1"] <= 1.0
         # the score of the best epoch (2 ranks, BatchNorm) is the published model's own
         stage = json.loads((Path(e["model"]).parent / "result.json").read_text())
-        assert stage["evaluation"]["val"]["top1"] == pytest.approx(stage["val_acc"], abs=1e-6)
+        best = stage["history"][stage["best_epoch"] - 1]
+        assert stage["metrics"]["val_top1"] == pytest.approx(best["val_top1"], abs=1e-6)
     assert entries[0]["arch"] == "tf_efficientnet_lite0" and entries[1]["arch"] == "resnet10t"
-    assert entries[2]["agreement"] is not None and entries[0]["agreement"] is None
+    assert entries[2]["val_agreement"] is not None and entries[0]["val_agreement"] is None
     assert "points over resnet10t-alone" in (out / "quality.md").read_text()
     assert "| lite0_scratch-distilled | tf_efficientnet_lite0 | teacher weights | yes |" in (out / "quality.md").read_text()
     # MLflow: one run per model, named by what it is (the students by their distill.name); the

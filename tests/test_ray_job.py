@@ -70,7 +70,7 @@ def test_pipeline_job_lands_outputs_at_configured_paths_and_skips_finished_stage
     assert set(runs) == {"teacher", "deit-soft", "baseline"}
     for role, run in runs.items():
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2]
         assert run.data.tags["best_checkpoint"] == str(out / ("teacher" if role == "teacher" else f"distill/{role}") / "best")
     assert {m.name for m in client.search_registered_models()} >= {"job-teacher", "job-student"}
     # Each role's latest registered version is reachable by its alias, tagged and described.
@@ -97,7 +97,7 @@ def test_pipeline_job_lands_outputs_at_configured_paths_and_skips_finished_stage
     assert any("mlflow ui --backend-store-uri" in line and "/#/experiments/" in line for line in printed)
     assert any(line.startswith("compare the models: ") and " -m pipeline report " in line for line in printed)
     epoch_lines = [line for line in printed if ": epoch " in line]
-    assert len(epoch_lines) == 6 and all("val_acc" in line for line in epoch_lines)  # 2 epochs x 3 models
+    assert len(epoch_lines) == 6 and all("val_top1" in line for line in epoch_lines)  # 2 epochs x 3 models
 
     # Resubmitted unchanged: every stage is skipped, no new stage run.
     again = submit(dashboard, args, submission_id=f"e2e-{uuid.uuid4().hex[:8]}", env=env)
@@ -161,7 +161,7 @@ def test_the_mlflow_ui_opens_on_the_training_runs_and_compares_them(demo_job, tm
         names = [latest[r].info.run_name for r in ("teacher", "deit-soft", "baseline")]
         text = page_text(compare, [*names, "final_val_top1"])
         assert names[0].startswith("teacher ") and names[2].startswith("baseline ")
-        for key in ("final_val_top1", "val_acc", "distill.type", "distill.alpha", "teacher.model", "role"):
+        for key in ("final_val_top1", "val_top1", "distill.type", "distill.alpha", "teacher.model", "role"):
             assert key in text, key
         roles = re.search(r" role (\S+) (\S+) (\S+) ", text)  # the role tags, one per compared run
         assert roles and set(roles.groups()) == {"teacher", "deit-soft", "baseline"}, text[-3000:]

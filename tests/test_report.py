@@ -48,7 +48,7 @@ def _meta(base: dict, manifest: dict, stage: str, ray_run: str) -> dict:
 def _independent_top1(model, meta, val) -> float:
     with torch.no_grad():
         pred = model.eval()(model_inputs(val.images, meta)).argmax(-1)
-    return float((pred == val.labels).float().mean())
+    return int((pred == val.labels).sum()) / len(val.labels)  # exact, as the evaluator counts
 
 
 def _argmax(model, meta, val) -> torch.Tensor:
@@ -174,12 +174,12 @@ def test_accuracy_params_size_and_agreement(world):
             assert row["size_source"] == "serialized state_dict" and row["size_bytes"] > 4 * row["params"]
     assert rows["teacher"]["val_top1_recorded"] == pytest.approx(0.42)
     assert rows["deit-soft"]["val_top1_recorded"] == pytest.approx(0.33)
-    assert rows["teacher"]["agreement"] is None
-    assert rows["baseline"]["agreement"] == 1.0
+    assert rows["teacher"]["val_agreement"] is None
+    assert rows["baseline"]["val_agreement"] == 1.0
     teacher_pred = _argmax(*models["teacher"][:2], val)
     for role, key in [("deit-soft", "deit-soft"), ("funmatch-function_matching", "funmatch")]:
         expected = float((_argmax(*models[key][:2], val) == teacher_pred).float().mean())
-        assert rows[role]["agreement"] == pytest.approx(expected, abs=1e-9)
+        assert rows[role]["val_agreement"] == pytest.approx(expected, abs=1e-9)
     assert "val_top1_cls" in rows["deit-soft"] and "val_top1_dist" in rows["deit-soft"]
 
 
@@ -198,7 +198,7 @@ def test_files_markdown_csv_json_and_plots(world):
     assert len(md_lines[0].strip("|").split("|")) == len(header)
     assert md_rows == [[c or "—" for c in r] for r in body]
     by_role = {r[0]: dict(zip(header, r)) for r in body}
-    assert by_role["baseline"]["agreement"] == "1.0000" and by_role["teacher"]["agreement"] == ""
+    assert by_role["baseline"]["val_agreement"] == "1.0000" and by_role["teacher"]["val_agreement"] == ""
     assert float(by_role["teacher"]["val_top1"]) == pytest.approx(world["rows"]["teacher"]["val_top1"], abs=1e-4)
     with open(files["json"]) as f:
         report = json.load(f)
@@ -222,7 +222,7 @@ def test_mlflow_report_run(world):
     assert run.data.tags["pipeline.invocation"] == "report"
     m = run.data.metrics
     assert m["teacher_val_top1"] == pytest.approx(rows["teacher"]["val_top1"])
-    assert m["baseline_agreement"] == 1.0 and "teacher_agreement" not in m
+    assert m["baseline_val_agreement"] == 1.0 and "teacher_val_agreement" not in m
     assert m["deit-soft_latency_ms"] == pytest.approx(rows["deit-soft"]["latency_ms"])
     assert m["funmatch-function_matching_params"] == rows["funmatch-function_matching"]["params"]
     assert run.data.params["threads"] == "1" and run.data.params["teacher_run_id"] == world["ids"]["teacher"]

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
+from pipeline.data.columns import FORMAT_VERSION, fixed_size_binary_column, gather_binary  # noqa: F401 (re-exported)
 from pipeline.data.row_groups import RowGroup, row_groups
 from pipeline.data.sources import DataError
 
@@ -36,38 +37,13 @@ def read_manifest(shard_dir: str) -> dict:
     path = storage.join(shard_dir, "manifest.json")
     if not storage.exists(path):
         raise DataError(f"{shard_dir} holds no complete preprocessed dataset (manifest.json missing); run `python -m pipeline preprocess` first")
-    return storage.read_json(path)
-
-
-def gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Rows ``order`` of a column of fixed-size binary cells -> one (len(order), *shape) uint8 array.
-
-    Each chunk's data buffer is viewed in place and scattered straight to its rows' destinations:
-    one copy in all (large copies are what the load costs, not Python).
-    """
-    row = int(np.prod(shape))
-    out = np.empty((len(order), row), dtype=np.uint8)
-    dest_of = np.full(len(column), -1, dtype=np.int64)
-    dest_of[order] = np.arange(len(order))
-    start = 0
-    for chunk in column.chunks:
-        n = len(chunk)
-        if n == 0:
-            continue
-        offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
-        if not np.all(np.diff(offsets) == row):
-            raise DataError(f"a Parquet column holds cells of another size than the manifest's {shape}; rebuild with --force")
-        data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]].reshape(n, row)
-        dest = dest_of[start : start + n]
-        keep = dest >= 0
-        if keep.all():
-            out[dest] = data
-        elif keep.any():
-            out[dest[keep]] = data[keep]
-        start += n
-    return out.reshape(len(order), *shape)
+    manifest = storage.read_json(path)
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{shard_dir} holds shards in format {version}, and this version of the pipeline reads format "
+                        f"{FORMAT_VERSION}: rebuild them with `python -m pipeline preprocess --force` (same config), "
+                        "or run `python -m pipeline run`, which preprocesses into a new folder")
+    return manifest
 
 
 def split_files(shard_dir: str, split: str, manifest: dict | None = None) -> list[str]:

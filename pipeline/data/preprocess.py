@@ -13,7 +13,7 @@ On an object store, which has no atomic rename, each build writes under its own
 manifest, written last, lists that build's files by full URI: a concurrent or later build never
 deletes files another live run is writing or reading, only builds whose owner is gone.
 
-``image`` is the raw H x W x 3 uint8 pixel buffer of each image (``binary``), so a worker reads
+``image`` is the raw H x W x 3 uint8 pixel buffer of each image (``fixed_size_binary``), so a worker reads
 a split into one array without decoding anything again.
 """
 
@@ -34,27 +34,15 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import ConfigError, PipelineConfig, fingerprint, to_dict, to_yaml
 from pipeline.data.images import load_image
+from pipeline.data.columns import FORMAT_VERSION, fixed_size_binary_column
 from pipeline.data.sources import SPLITS, DataError, SourceListing, resolve_source
 
 # 2: rows in a seeded random order, row groups of about ROW_GROUP_BYTES (per-rank reads).
-FORMAT_VERSION = 2
 # A training rank reads whole row groups of its range of rows, so their size bounds how much it
 # reads beyond its own share (at most one group at each end of its range).
 ROW_GROUP_BYTES = 16 << 20
 # The data-config keys that change what is stored (cache_dir, for one, does not).
 _STORED_KEYS = ("source", "image_size", "resize_mode", "val_fraction", "test_fraction", "seed", "synthetic")
-
-
-def fixed_size_binary_column(rows: np.ndarray):
-    """(N, K) uint8 rows -> an Arrow ``binary`` array without copying (one cell of K bytes per row)."""
-    import pyarrow as pa
-
-    rows = np.ascontiguousarray(rows)
-    n, k = rows.shape
-    large = (n + 1) * k >= 2**31  # 32-bit offsets cannot address more than 2 GiB
-    offsets = np.arange(0, (n + 1) * k, k, dtype=np.int64 if large else np.int32)
-    kind = pa.large_binary() if large else pa.binary()
-    return pa.BinaryArray.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(rows)])
 
 
 def decode_and_write(batch: dict[str, np.ndarray], size: int, mode: str, target: str) -> dict[str, np.ndarray]:

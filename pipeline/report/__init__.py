@@ -51,7 +51,7 @@ __all__ = [
 REPORT_SUBDIR = "report"
 
 # Per-role values logged as metrics of the report run: <role>_<key>.
-METRIC_KEYS = ("val_top1", "val_top1_recorded", "params", "size_mb", "latency_ms", "images_per_s", "agreement")
+METRIC_KEYS = ("val_top1", "val_top1_recorded", "params", "size_mb", "latency_ms", "images_per_s", "val_agreement")
 
 
 # ---------------------------------------------------------------- MLflow

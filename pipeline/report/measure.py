@@ -161,7 +161,7 @@ def _agreement(pred: torch.Tensor, paths: list[str], teacher: dict[str, Any] | N
 def measure_run(run, role: str, uri: str, splits: _Splits, teacher: dict[str, Any] | None, latency_runs: int,
                 throughput_runs: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """One report row, and (paths, predictions) for agreement with later rows."""
-    from pipeline.evaluate import accuracy_report, predict_logits
+    from pipeline.evaluate import evaluate_model
     from pipeline.models import count_parameters
 
     tags, metrics = run.data.tags, run.data.metrics
@@ -171,9 +171,8 @@ def measure_run(run, role: str, uri: str, splits: _Splits, teacher: dict[str, An
     val = splits.val(shard_dir)
     model, meta, info = load_run_model(run, uri)
     with torch.inference_mode():
-        logits = predict_logits(model, val.images, meta)
-    accuracy = accuracy_report(logits, val.labels, meta["class_names"])
-    pred = logits["logits"].argmax(-1)
+        accuracy = evaluate_model(model, val.images, val.labels, meta, keep_predictions=True)
+    pred = accuracy["predictions"]
     latency_ms, images_per_s = measure_speed(model, val.images, meta, latency_runs, throughput_runs)
     notes = list(info["notes"])
     if is_sweep_trial(run):
@@ -188,11 +187,11 @@ def measure_run(run, role: str, uri: str, splits: _Splits, teacher: dict[str, An
         "role": role, "arch": meta["arch"], "run_id": run.info.run_id, "run_name": run.info.run_name,
         "stage": tags.get("stage"), "method": tags.get("method"),
         "val_top1": accuracy["top1"], "val_count": accuracy["count"],
-        "val_top1_recorded": metrics.get("final_val_top1", metrics.get("best_val_acc")),
+        "val_top1_recorded": metrics.get("final_val_top1"),
         "test_top1_recorded": metrics.get("final_test_top1"),
         "params": params, "params_m": round(params / 1e6, 3),
         "size_bytes": info["size_bytes"], "size_mb": round(info["size_bytes"] / 1e6, 3), "size_source": info["size_source"],
-        "latency_ms": latency_ms, "images_per_s": images_per_s, "agreement": agreement,
+        "latency_ms": latency_ms, "images_per_s": images_per_s, "val_agreement": agreement,
         "input_size": meta.get("input_size"), "model_source": info["source"], "shard_dir": shard_dir,
         "ended": run.info.end_time, "sweep_trial": is_sweep_trial(run), "notes": notes,
     }

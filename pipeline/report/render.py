@@ -18,11 +18,11 @@ COLUMNS = (
     ("size_mb", "size (MB)"),
     ("latency_ms", "latency ms/img @bs1"),
     ("images_per_s", f"img/s @bs{THROUGHPUT_BATCH}"),
-    ("agreement", "agreement with teacher"),
+    ("val_agreement", "agreement with teacher"),
     ("run_id", "run id"),
 )
 _DECIMALS = {"val_top1": 4, "val_top1_recorded": 4, "params_m": 3, "size_mb": 3, "latency_ms": 3, "images_per_s": 1,
-             "agreement": 4}
+             "val_agreement": 4}
 MISSING_MD = "—"  # a value that does not exist (the teacher's agreement); an empty cell in the CSV
 
 

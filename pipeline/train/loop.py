@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline import checkpoints
 from pipeline.config import PipelineConfig, TrainConfig
@@ -26,6 +25,7 @@ from pipeline.data.batches import batch_for_eval
 from pipeline.data.loading import SplitTensors as Split
 from pipeline.data.loading import load_split, read_manifest
 from pipeline.data.streaming import epoch_batches, split_paths
+from pipeline.evaluate import Scores, score
 from pipeline.models import prefers_channels_last
 from pipeline.plan import StagePlan
 from pipeline.train.steps import Task, TrainBatch, build_task, effective_lr, unwrap
@@ -81,44 +81,18 @@ def share_rank0_buffers(model: torch.nn.Module, world: int) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, world: int, batch: int = 256) -> dict[str, float]:
-    """Loss, accuracy per head, teacher accuracy and agreement over the whole split, reduced across
-    ranks, all with rank 0's weights and buffers (the model it checkpoints)."""
+def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, world: int, batch: int = 256) -> dict[str, Any]:
+    """The validation metrics (``val_top1``, per head, the teacher's, agreement, KL, loss) over the
+    whole split, reduced across ranks, all with rank 0's weights and buffers (the model it
+    checkpoints); scored by the same :class:`~pipeline.evaluate.Scores` as ``evaluate`` and the report."""
     share_rank0_buffers(model, world)
-    device = val.images.device
-    keys: list[str] = []
-    sums: torch.Tensor | None = None
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
-    for i in range(0, max(len(val), 1), batch):
-        x = batch_for_eval(val.images[i : i + batch], tcfg, crop, task.mean, task.std)
-        y = val.labels[i : i + batch]
-        if len(y) == 0:  # a rank without validation rows still learns the keys, so all ranks reduce alike
-            out = task.eval_outputs(model, torch.zeros((1, *x.shape[1:]), device=device))
-            out = {k: v[:0] for k, v in out.items()}
-        else:
-            out = task.eval_outputs(model, x)
-        if sums is None:
-            keys = ["count", "loss"] + [f"correct:{k}" for k in out] + (["agree"] if "teacher" in out else [])
-            keys += ["kl"] if "teacher" in out and task.reports_kl else []
-            sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
-        vals = [float(len(y)), F.cross_entropy(out["logits"].float(), y, reduction="sum").double() if len(y) else 0.0]
-        vals += [(out[k].argmax(-1) == y).sum().double() for k in out]
-        if "teacher" in out:
-            vals.append((out["logits"].argmax(-1) == out["teacher"].argmax(-1)).sum().double())
-        if "kl" in keys:  # the distillation loss on un-mixed validation images
-            vals.append(task.eval_kl(out["logits"].float(), out["teacher"]).double() * len(y) if len(y) else 0.0)
-        sums += torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in vals])
-        pred = out["logits"].argmax(-1)
-        confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes).double()
-    packed = _all_reduce(torch.cat([sums, confusion]), world).cpu()
-    n = max(packed[0].item(), 1.0)
-    metrics = {"val_count": packed[0].item(), "val_loss": packed[1].item() / n}
-    for j, k in enumerate(keys[2:], start=2):
-        name = k.split(":", 1)[-1]
-        label = {"logits": "val_acc", "teacher": "val_teacher_acc", "agree": "val_agreement", "kl": "val_kl"}.get(
-            name, f"val_acc_{name.removeprefix('logits_')}")
-        metrics[label] = packed[j].item() / n
-    metrics["_confusion"] = packed[len(keys) :].view(num_classes, num_classes).tolist()
+    scores = Scores(num_classes, with_kl=task.reports_kl)
+    score(lambda x: task.eval_outputs(model, x), lambda u8: batch_for_eval(u8, tcfg, crop, task.mean, task.std),
+          val.images, val.labels, scores, batch, kl=task.eval_kl if task.reports_kl else None)
+    scores.all_reduce(world)
+    result = scores.result()
+    metrics = {f"val_{k}": v for k, v in result.items() if k != "confusion"}
+    metrics["_confusion"] = result["confusion"]
     return metrics
 
 
@@ -187,7 +161,7 @@ def run_loop(cfg: PipelineConfig, plan: StagePlan, ctx: LoopContext) -> None:
             ctx.progress.epoch(metrics, run.steps_per_epoch)
         elif ctx.rank == 0:
             ctx.print_fn(f"[{plan.stage}] epoch {epoch + 1}/{run.epochs} loss {metrics['train_loss']:.4f} "
-                         f"acc {metrics['train_acc']:.3f} val_acc {metrics.get('val_acc', float('nan')):.3f} "
+                         f"train_top1 {metrics['train_top1']:.3f} val_top1 {metrics.get('val_top1', float('nan')):.3f} "
                          f"lr {metrics['lr']:.2e} {metrics['images_per_s']:.0f} img/s {metrics['epoch_time_s']:.1f}s")
         pending_logs.append(({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1))
         run.history = [h for h in run.history if h["epoch"] < epoch + 1] + [dict(metrics)]
@@ -301,7 +275,7 @@ def _train_epoch(run: _Run, ctx: LoopContext, epoch: int, gen: torch.Generator,
         return {}, {"epoch": epoch + 1, "diverged": 1.0, "nonfinite_steps": packed[3].item(),
                     "first_nonfinite_step": float(bad_step + 1 if bad_step >= 0 else -1)}
     n = max(packed[2].item(), 1.0)
-    metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": packed[0].item() / n, "train_acc": packed[1].item() / n,
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": packed[0].item() / n, "train_top1": packed[1].item() / n,
                                "lr": run.optimizer.param_groups[-1]["lr"],
                                "images_per_s": packed[2].item() / max(time.perf_counter() - t0, 1e-9)}
     metrics.update({f"train_{k}": packed[4 + i].item() / n for i, k in enumerate(keys)})
@@ -351,7 +325,7 @@ def _checkpoint_and_report(run: _Run, ctx: LoopContext, epoch: int, gen: torch.G
             train_state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                            "scaler": run.scaler.state_dict(), "epoch": epoch, "global_step": run.global_step,
                            "rng_torch": torch.get_rng_state(), "rng_augment": gen.get_state().cpu()}
-            meta_now = {**run.meta, "epoch": epoch + 1, "val_acc": metrics.get("val_acc"), "confusion": last_val.get("_confusion"),
+            meta_now = {**run.meta, "epoch": epoch + 1, "val_top1": metrics.get("val_top1"), "confusion": last_val.get("_confusion"),
                         "history": run.history}
             checkpoints.save(tmp, unwrap(run.model).state_dict(), meta_now, train_state)
             ckpt_dir = tmp

@@ -34,4 +34,4 @@ def test_diverging_loss_stops_before_any_checkpoint(ray_local, tmp_path):
 
 
 def test_finite_reports_pass():
-    check_diverged("distill", {"epoch": 3, "val_acc": 0.5}, "distill")
+    check_diverged("distill", {"epoch": 3, "val_top1": 0.5}, "distill")

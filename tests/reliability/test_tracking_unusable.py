@@ -69,13 +69,13 @@ def test_server_that_answers_200_with_nothing_falls_back(tmp_path, empty_server)
 def test_metrics_without_any_run_are_kept_in_the_unsent_file(tmp_path):
     unsent = tmp_path / "mlflow_unsent.jsonl"
     logger = EpochLogger(None, None, fallback_path=str(unsent))
-    logger.log({"train_loss": 0.5, "val_acc": 0.25}, 1)
-    logger.log({"train_loss": 0.4, "val_acc": 0.5}, 2)
+    logger.log({"train_loss": 0.5, "val_top1": 0.25}, 1)
+    logger.log({"train_loss": 0.4, "val_top1": 0.5}, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logger.close()
     rows = [json.loads(line) for line in unsent.read_text().splitlines()]
-    assert sorted((r["key"], r["step"]) for r in rows) == [("train_loss", 1), ("train_loss", 2), ("val_acc", 1), ("val_acc", 2)]
+    assert sorted((r["key"], r["step"]) for r in rows) == [("train_loss", 1), ("train_loss", 2), ("val_top1", 1), ("val_top1", 2)]
 
 
 def test_credentials_in_uris_are_never_echoed(tmp_path):

@@ -113,17 +113,18 @@ class Scores:
 
 def score(outputs, inputs, images_u8: torch.Tensor, labels: torch.Tensor, scores: Scores, batch: int = 256,
           kl=None) -> Scores:
-    """Feed ``images_u8`` through ``inputs`` (uint8 -> model input) and ``outputs`` (input -> named
-    logits) batch by batch into ``scores``; ``kl(student, teacher)`` gives the batch's KL when the
-    scores keep one. With no images at all the model still runs on one blank image, so the keys exist."""
+    """Feed ``images_u8`` through ``inputs`` (uint8 -> model input) and ``outputs`` (input, the
+    batch's row positions -> named logits) batch by batch into ``scores``; ``kl(student, teacher)``
+    gives the batch's KL when the scores keep one. With no images at all the model still runs on
+    one blank image, so the keys exist."""
     for i in range(0, max(len(images_u8), 1), batch):
         x = inputs(images_u8[i : i + batch])
         y = labels[i : i + batch]
         if len(y) == 0:
-            out = outputs(torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=x.device))
+            out = outputs(torch.zeros((1, *x.shape[1:]), dtype=x.dtype, device=x.device), torch.zeros(1, dtype=torch.long))
             out = {k: v[:0] for k, v in out.items()}
         else:
-            out = outputs(x)
+            out = outputs(x, torch.arange(i, i + len(y)))
         scores.add(out, y, kl(out["logits"].float(), out["teacher"]) if kl is not None and len(y) and "teacher" in out else None)
     return scores
 
@@ -135,7 +136,7 @@ def evaluate_model(model, images_u8: torch.Tensor, labels: torch.Tensor, meta: d
     per-class top-1 and the confusion matrix (see :class:`Scores`)."""
     model.eval()
     scores = Scores(len(meta["class_names"]), keep_predictions=keep_predictions)
-    score(lambda x: {k: v.float() for k, v in head_logits(model, x).items()}, lambda u8: model_inputs(u8, meta),
+    score(lambda x, _rows: {k: v.float() for k, v in head_logits(model, x).items()}, lambda u8: model_inputs(u8, meta),
           images_u8, labels, scores, batch)
     return scores.result(meta["class_names"])
 

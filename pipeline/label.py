@@ -11,7 +11,9 @@ fixed teacher.
 Ray Data reads the shards and ``map_batches`` runs the frozen teacher in a fixed pool of actors:
 ``ray.num_workers`` of them, each with one GPU (``num_gpus=1``) on a GPU cluster, on CPU otherwise. The store
 is a folder ``<shard_dir>/teacher_views/<key>/``: Parquet files with one row per image and view
-(``path``, ``view``, ``x1 y1 x2 y2``, ``flip``, the teacher's output) and ``manifest.json``, written
+(``path``, ``view``, ``x1 y1 x2 y2``, ``flip``, the teacher's output; and for each validation
+image one row with ``view`` -1: the teacher's output on the student's evaluation input, so that a
+replaying student still reports its agreement with the teacher) and ``manifest.json``, written
 last (teacher checkpoint id, K, augmentation, sizes, seed, counts, files). ``key`` is a fingerprint
 of all of those, so identical requests reuse the store and any change builds a new one. Up to
 :data:`FULL_LOGITS_MAX_CLASSES` classes the full logits are kept in fp16; above, the top
@@ -35,13 +37,16 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import storage
-from pipeline.config import PipelineConfig, fingerprint, stage_train
+from pipeline.config import PipelineConfig, TrainConfig, fingerprint, stage_train
 from pipeline.data import augment
+from pipeline.data.batches import batch_for_eval
 from pipeline.data.loading import fixed_size_binary_column, gather_binary, read_manifest
 from pipeline.data.row_groups import read_files
 from pipeline.data.sources import DataError
 
-VIEWS_FORMAT = 2
+# 3: the teacher's output on each validation image too (view -1), for the replaying student's
+# agreement and teacher accuracy; fixed-size binary columns.
+VIEWS_FORMAT = 3
 FULL_LOGITS_MAX_CLASSES = 128
 # Below every kept logit by far: a replayed top-k target puts (next to) no mass on the classes it
 # does not list, without the NaN an -inf target gives in a KL.
@@ -53,7 +58,8 @@ def views_key(cfg: PipelineConfig, shard_dir: str, teacher_id) -> str:
     tcfg = stage_train(cfg, "distill")
     d = cfg.distill
     return fingerprint("teacher-views", VIEWS_FORMAT, teacher_id, shard_dir, d.teacher_views, tcfg.augment,
-                       tcfg.crop_size, tcfg.inception_scale, d.teacher_input_size, d.teacher_topk, tcfg.seed)[:16]
+                       tcfg.crop_size, tcfg.inception_scale, d.teacher_input_size, d.teacher_topk, tcfg.seed,
+                       tcfg.eval_transform)[:16]
 
 
 def views_path(cfg: PipelineConfig, shard_dir: str, teacher_id) -> str:
@@ -129,25 +135,41 @@ class _Labeler:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.s = settings
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(x):
+            return torch.zeros((0, self.s["classes"]))
+        return torch.cat([self.model(x[i : i + 64]).float().cpu() for i in range(0, len(x), 64)])
+
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Training rows -> K rows each (their views); validation rows -> one row each (view -1)."""
         s = self.s
-        paths = batch["path"].to_pylist()
         h, w = s["shape"][:2]
-        images = torch.from_numpy(_rows_of(batch["image"], np.uint8, h * w * 3).reshape(len(paths), h, w, 3)).to(self.device)
+        is_val = np.asarray(batch["split"].to_pylist() if "split" in batch.column_names else ["train"] * batch.num_rows) == "val"
+        images = torch.from_numpy(_rows_of(batch["image"], np.uint8, h * w * 3).reshape(batch.num_rows, h, w, 3)).to(self.device)
+        all_paths = batch["path"].to_pylist()
+        train_at, val_at = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        paths = [all_paths[i] for i in train_at]
         boxes, flips = draw_views(paths, h, w, s["augment"], s["crop"], tuple(s["scale"]), s["seed"], s["k"])
         k = s["k"]
-        idx = torch.arange(len(paths)).repeat_interleave(k)
+        idx = torch.from_numpy(train_at).repeat_interleave(k)
         flat_boxes, flat_flips = boxes.reshape(-1, 4), flips.reshape(-1)
         x = augment.render_views(images, idx.to(self.device), flat_boxes.to(self.device), flat_flips.to(self.device), s["size"],
                                  self.meta["mean"], self.meta["std"], s["mode"], self.channels_last)
-        logits = torch.cat([self.model(x[i : i + 64]).float().cpu() for i in range(0, len(x), 64)]) if len(x) else torch.zeros((0, s["classes"]))
+        logits = self._logits(x)
+        # The student's evaluation input (its crop, its eval transform), seen at the teacher's size:
+        # what an online teacher is shown in validation (pipeline.train.steps.DeitTask.eval_outputs).
+        xv = batch_for_eval(images[torch.from_numpy(val_at).to(self.device)], TrainConfig(eval_transform=s["eval_transform"]),
+                            s["crop"], self.meta["mean"], self.meta["std"], self.channels_last)
+        val_logits = self._logits(xv if s["size"] == s["crop"] else augment.resize(xv, s["size"]))
+        nv = len(val_at)
         columns = {
-            "path": pa.array([p for p in paths for _ in range(k)], type=pa.string()),
-            "view": pa.array(np.tile(np.arange(k, dtype=np.int16), len(paths))),
-            **{name: pa.array(flat_boxes[:, i].numpy().astype(np.float32)) for i, name in enumerate(("x1", "y1", "x2", "y2"))},
-            "flip": pa.array(flat_flips.numpy()),
-            **encode_outputs(logits, s["topk"]),
+            "path": pa.array([p for p in paths for _ in range(k)] + [all_paths[i] for i in val_at], type=pa.string()),
+            "view": pa.array(np.concatenate([np.tile(np.arange(k, dtype=np.int16), len(paths)), np.full(nv, -1, np.int16)])),
+            **{name: pa.array(np.concatenate([flat_boxes[:, i].numpy().astype(np.float32), np.zeros(nv, np.float32)]))
+               for i, name in enumerate(("x1", "y1", "x2", "y2"))},
+            "flip": pa.array(np.concatenate([flat_flips.numpy(), np.zeros(nv, bool)])),
+            **encode_outputs(torch.cat([logits, val_logits]), s["topk"]),
         }
         return pa.table(columns)
 
@@ -155,13 +177,15 @@ class _Labeler:
 @dataclass
 class ViewStore:
     """A complete view store in memory: per training image (``paths`` order) K boxes, flips and
-    the teacher's logits (fp16)."""
+    the teacher's logits (fp16); per validation image (``val_paths`` order) the teacher's logits."""
 
     paths: list[str]
     boxes: torch.Tensor  # N x K x 4
     flips: torch.Tensor  # N x K
     logits: torch.Tensor  # N x K x C
     manifest: dict[str, Any]
+    val_paths: list[str]
+    val_logits: torch.Tensor  # M x C
 
 
 def load_views(path: str) -> ViewStore:
@@ -173,6 +197,7 @@ def load_views(path: str) -> ViewStore:
         manifest = storage.read_json(manifest_path)
         files = [storage.join(path, f) for f in manifest["files"]]
         k, n, classes = int(manifest["num_views"]), int(manifest["images"]), int(manifest["num_classes"])
+        n_val = int(manifest["val_images"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"the teacher view store {path} has an unreadable manifest.json ({exc}); {REBUILD}") from None
     missing = [f for f in manifest["files"] if not storage.is_file(storage.join(path, f))]
@@ -181,8 +206,12 @@ def load_views(path: str) -> ViewStore:
     fs, _ = storage.resolve(path)
     try:
         table = pq.ParquetDataset([storage.resolve(f)[1] for f in files], filesystem=fs).read()
-        if table.num_rows != n * k:
-            raise DataError(f"holds {table.num_rows} views, its manifest says {n} images x {k}")
+        if table.num_rows != n * k + n_val:
+            raise DataError(f"holds {table.num_rows} rows, its manifest says {n} images x {k} views and {n_val} validation images")
+        table = table.sort_by([("view", "ascending"), ("path", "ascending")])
+        val, table = table.slice(0, n_val), table.slice(n_val)
+        if n_val and val["view"].to_numpy().max() != -1:
+            raise DataError("does not hold the teacher's output on every validation image")
         table = table.sort_by([("path", "ascending"), ("view", "ascending")])
         paths = table["path"].to_pylist()[::k]
         if len(set(paths)) != n or table["view"].to_numpy().tolist() != list(range(k)) * n:
@@ -190,9 +219,11 @@ def load_views(path: str) -> ViewStore:
         boxes = torch.from_numpy(np.stack([table[c].to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)).float()
         flips = torch.from_numpy(table["flip"].to_numpy(zero_copy_only=False).astype(bool))
         logits = decode_outputs(table, classes)
+        val_logits = decode_outputs(val, classes)
     except (DataError, pa.ArrowException, OSError, KeyError) as exc:
         raise DataError(f"the teacher view store {path} is damaged ({exc}); {REBUILD}") from None
-    return ViewStore(paths, boxes.view(n, k, 4), flips.view(n, k), logits.view(n, k, classes), manifest)
+    return ViewStore(paths, boxes.view(n, k, 4), flips.view(n, k), logits.view(n, k, classes), manifest,
+                     val["path"].to_pylist(), val_logits)
 
 
 def label_views(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, log=print, force: bool = False,
@@ -258,7 +289,8 @@ def _settings(cfg: PipelineConfig, shard_dir: str, teacher_size: int) -> dict[st
     return {"k": cfg.distill.teacher_views, "augment": tcfg.augment, "crop": crop, "scale": list(tcfg.inception_scale),
             "seed": tcfg.seed, "size": teacher_size, "mode": augment.view_mode(tcfg.augment, crop, teacher_size),
             "shape": manifest["image_shape"], "classes": manifest["num_classes"], "topk": cfg.distill.teacher_topk,
-            "class_names": manifest["class_names"], "images": manifest["split_sizes"]["train"]}
+            "class_names": manifest["class_names"], "images": manifest["split_sizes"]["train"],
+            "val_images": manifest["split_sizes"]["val"], "eval_transform": tcfg.eval_transform}
 
 
 def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: str, log, tracker, in_process: bool) -> str:
@@ -279,7 +311,7 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
     # reads, actors and writes together fit what training would take: a write task that waits for a
     # whole CPU while the actors hold them all would wait forever.
     cpus = 1.0 if gpu else max(0.01, cfg.ray.cpus_per_worker - 0.1)
-    files = split_files(shard_dir, "train")
+    files = [(f, "train") for f in split_files(shard_dir, "train")] + [(f, "val") for f in split_files(shard_dir, "val")]
     local = not storage.is_uri(path)
     work = f"{path}.partial-{uuid.uuid4().hex[:8]}" if local else path
     if local:
@@ -304,7 +336,8 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
                     "teacher_input_size": s["size"], "student_crop": s["crop"], "num_views": s["k"], "augment": s["augment"],
                     "inception_scale": s["scale"], "seed": s["seed"], "num_classes": s["classes"], "class_names": s["class_names"],
                     "encoding": "logits" if s["classes"] <= FULL_LOGITS_MAX_CLASSES else f"top{s['topk']}",
-                    "images": s["images"], "views": s["images"] * s["k"],
+                    "images": s["images"], "views": s["images"] * s["k"], "val_images": s["val_images"],
+                    "eval_transform": s["eval_transform"],
                     "files": [storage.resolve(f)[1][len(prefix):] for f in written], "seconds": round(seconds, 2),
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         storage.write_json(storage.join(work, "manifest.json"), manifest)
@@ -322,19 +355,19 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
     return path
 
 
-def _label_here(files: list[str], work: str, teacher: str, s: dict[str, Any], gpu: bool, batch: int = 256) -> None:
+def _label_here(files: list[tuple[str, str]], work: str, teacher: str, s: dict[str, Any], gpu: bool, batch: int = 256) -> None:
     """The label job without Ray: the same teacher over the same shards, one Parquet file per shard."""
     labeler = _Labeler(teacher, s, torch.get_num_threads(), gpu)
     fs, root = storage.resolve(work)
     fs.create_dir(root, recursive=True)
-    for i, name in enumerate(files):
-        table = read_files({"file": [name]})
+    for i, (name, split) in enumerate(files):
+        table = read_files({"file": [name], "split": [split]})
         parts = [labeler(table.slice(j, batch)) for j in range(0, table.num_rows, batch)]
         if parts:
             pq.write_table(pa.concat_tables(parts), f"{root}/part-{i:05d}.parquet", filesystem=fs)
 
 
-def _label_job(files: list[str], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool) -> None:
+def _label_job(files: list[tuple[str, str]], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool) -> None:
     """The Ray Data job, run as a task of its own (``max_calls=1``): its worker process exits when it
     ends, and the teacher actors it owns go with it. (Ray Data drops an actor pool by reference
     counting, and references can outlive the job in the process that ran it; actors left alive
@@ -343,7 +376,7 @@ def _label_job(files: list[str], work: str, teacher: str, s: dict[str, Any], act
 
     # Every task gets a sliver of a CPU: the actors hold the rest, and Ray Data's own
     # read_parquet starts with a file-listing task that asks for a whole CPU (it would wait forever).
-    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = ray.data.from_items([{"file": f, "split": split} for f, split in files], override_num_blocks=max(1, len(files)))
     ds = ds.map_batches(read_files, batch_size=1, num_cpus=0.05, compute=ray.data.TaskPoolStrategy(size=max(1, actors)))
     labelled = ds.map_batches(_Labeler, fn_constructor_kwargs={"teacher": teacher, "settings": s, "threads": int(round(cpus)) or 1,
                                                                "use_gpu": gpu},

@@ -64,6 +64,7 @@ def _overrides(out, tmp):
         "ray.num_workers=2", "ray.cpus_per_worker=0.9", "ray.placement_strategy=STRICT_SPREAD", "train.max_failures=1",
         "teacher.model=resnet10t", "teacher.pretrained=none", "teacher.mode=full", "teacher.epochs=1", "teacher.batch_size=16",
         "distill.student=resnet10t", "distill.type=soft", "distill.epochs=3", "distill.batch_size=16", "distill.drop_path=0.0",
+        "distill.teacher_views=2",  # the student replays the label step's views (their store in the bucket too)
     ]
 
 
@@ -118,6 +119,11 @@ def test_the_pipeline_spans_both_nodes_on_an_object_store_and_resumes_a_worker_k
     assert len(nodes) == 2 and two_nodes in nodes  # the ranks ran on both nodes
     assert len({f.name.rsplit("-", 1)[1] for f in seen.iterdir() if f.name.startswith("rank")}) > 2  # workers restarted
     assert [h["epoch"] for h in student["history"]] == [1, 2, 3]
+    # a replaying student resumes like an online one, and still reports its agreement with the teacher
+    views_key = MlflowClient(cfg.tracking.uri).get_run(student["mlflow"]["run_id"]).data.tags.get("teacher_views_key")
+    assert views_key and any(f.split("?")[0].endswith(f"teacher_views/{views_key}/manifest.json") for f in storage.list_files(out))
+    assert all("val_agreement" in h and "val_teacher_top1" in h for h in student["history"])
+    assert student["metrics"]["val_agreement"] == student["history"][student["best_epoch"] - 1]["val_agreement"]
     steps = sorted(m.step for m in MlflowClient(cfg.tracking.uri).get_metric_history(student["mlflow"]["run_id"], "train_loss"))
     assert steps == [1, 2, 3]  # the epoch re-run after the restart is logged once
     # Every checkpoint, whichever node wrote it, is in the bucket under the stage's Ray run.

@@ -32,7 +32,7 @@ def test_scores_count_heads_teacher_agreement_and_confusion():
 
 def test_a_rank_without_rows_still_reports_every_key():
     model = torch.nn.Linear(4, 3)
-    scores = score(lambda x: {"logits": model(x), "teacher": model(x)}, lambda u8: u8.float(), torch.zeros(0, 4, dtype=torch.uint8),
+    scores = score(lambda x, _rows: {"logits": model(x), "teacher": model(x)}, lambda u8: u8.float(), torch.zeros(0, 4, dtype=torch.uint8),
                    torch.zeros(0, dtype=torch.long), Scores(3, with_kl=True), kl=lambda s, t: (s - t).abs().mean())
     assert scores.keys == ["count", "loss", "top1", "teacher_top1", "agreement", "kl"]
     assert scores.result()["count"] == 0
@@ -55,7 +55,7 @@ def test_training_validation_and_the_published_model_evaluation_agree():
     images = torch.randint(0, 256, (37, 20, 20, 3), dtype=torch.uint8)
     labels = torch.randint(0, 4, (37,))
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    task = SimpleNamespace(eval_outputs=lambda m, x: {"logits": m(x)}, mean=mean, std=std, reports_kl=False, eval_kl=None)
+    task = SimpleNamespace(eval_outputs=lambda m, x, rows: {"logits": m(x)}, mean=mean, std=std, reports_kl=False, eval_kl=None)
     val = SimpleNamespace(images=images, labels=labels)
     in_training = evaluate_in_training(task, model, val, TrainConfig(eval_transform="resize"), 16, 4, world=1, batch=10)
     meta = {"input_size": 16, "mean": mean, "std": std, "class_names": list("abcd"), "eval_transform": "resize"}

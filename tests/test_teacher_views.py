@@ -92,6 +92,43 @@ def test_label_step_stores_what_the_teacher_says_on_each_view(shards, tmp_path):
         assert torch.allclose(again, store.logits[idx, k].float(), atol=2e-2, rtol=1e-2)
 
 
+def test_a_replaying_student_reports_agreement_from_the_stored_validation_outputs(shards, tmp_path):
+    """The label step also stores the teacher's output on each validation image (the student's
+    evaluation input at the teacher's size), so a student without a teacher in memory still reports
+    val_teacher_top1 and val_agreement, the same as with the online teacher."""
+    from pipeline.config import stage_train
+    from pipeline.data.loading import load_split
+    from pipeline.train.loop import evaluate
+
+    teacher = _save_teacher(tmp_path / "t")
+    cfg = _cfg(shards, "distill.teacher_views=2", "distill.teacher_input_size=40")
+    path = label_views(cfg, shards["dir"], teacher, "teacher-0", log=lambda *_: None)
+    store = load_views(path)
+    val = load_split(shards["dir"], "val")
+    assert sorted(val.paths) == store.val_paths and store.val_logits.shape == (len(val), CLASSES)
+    manifest = {"num_classes": CLASSES, "image_size": 48}
+    online_cfg = _cfg(shards, "distill.teacher_views=0", "distill.teacher_input_size=40")
+    replay, online = _task(cfg, "distill", manifest, teacher, path), _task(online_cfg, "distill", manifest, teacher)
+    assert replay.teacher is None and online.teacher is not None
+    online.model.load_state_dict(replay.model.state_dict())
+    order = list(reversed(range(len(val))))  # a worker's rows need not be in the store's order
+    part = type(val)(val.images[order], val.labels[order], [val.paths[i] for i in order])
+    tcfg = stage_train(cfg, "distill")
+    scores = {}
+    for name, task in (("replay", replay), ("online", online)):
+        task.bind_val_part(part.paths, torch.device("cpu"))
+        task.model.eval()
+        scores[name] = evaluate(task, task.model, part, tcfg, 24, CLASSES, world=1, batch=5)
+    assert {"val_teacher_top1", "val_agreement"} <= set(scores["replay"])
+    tolerance = 1.0 / len(val) + 1e-9  # fp16 storage may flip one near-tie
+    for key in ("val_teacher_top1", "val_agreement"):
+        assert scores["replay"][key] == pytest.approx(scores["online"][key], abs=tolerance), key
+    assert scores["replay"]["val_top1"] == scores["online"]["val_top1"]
+    rows = torch.tensor([0, 2])
+    expected = store.val_logits[[store.val_paths.index(part.paths[r]) for r in rows.tolist()]].float()
+    assert torch.equal(replay.eval_outputs(replay.model, torch.zeros(2, 3, 24, 24), rows)["teacher"], expected)
+
+
 def test_views_are_reused_and_rebuilt_when_teacher_or_settings_change(shards, tmp_path):
     teacher = _save_teacher(tmp_path / "t")
     quiet = lambda *_: None  # noqa: E731

@@ -46,9 +46,12 @@ def read_row_group(batch: dict[str, Any]) -> pa.Table:
 
 
 def read_files(batch: dict[str, Any]) -> pa.Table:
-    """Ray Data UDF (the label stage): a batch of shard file names -> their ``path`` and ``image`` columns."""
+    """Ray Data UDF (the label stage): a batch of shard file names (and their ``split``) -> their
+    ``path``, ``image`` and ``split`` columns."""
     tables = []
-    for name in batch["file"]:
+    splits = batch.get("split", ["train"] * len(batch["file"]))
+    for name, split in zip(batch["file"], splits):
         fs, inner = storage.resolve(str(name))
-        tables.append(pq.read_table(inner, filesystem=fs, columns=["path", "image"]))
+        table = pq.read_table(inner, filesystem=fs, columns=["path", "image"])
+        tables.append(table.append_column("split", pa.array([str(split)] * table.num_rows, type=pa.string())))
     return pa.concat_tables(tables)

@@ -87,7 +87,7 @@ def evaluate(task, model, val, tcfg: TrainConfig, crop: int, num_classes: int, w
     checkpoints); scored by the same :class:`~pipeline.evaluate.Scores` as ``evaluate`` and the report."""
     share_rank0_buffers(model, world)
     scores = Scores(num_classes, with_kl=task.reports_kl)
-    score(lambda x: task.eval_outputs(model, x), lambda u8: batch_for_eval(u8, tcfg, crop, task.mean, task.std),
+    score(lambda x, rows: task.eval_outputs(model, x, rows), lambda u8: batch_for_eval(u8, tcfg, crop, task.mean, task.std),
           val.images, val.labels, scores, batch, kl=task.eval_kl if task.reports_kl else None)
     scores.all_reduce(world)
     result = scores.result()
@@ -202,6 +202,7 @@ def _start(cfg: PipelineConfig, plan: StagePlan, ctx: LoopContext) -> _Run:
         train = None
         task.bind_train_part(split_paths(plan.shard_dir, "train"), torch.device("cpu"))
     val = load_split(plan.shard_dir, "val", ctx.rank, world, device)
+    task.bind_val_part(val.paths, device)
     n_train = manifest["split_sizes"]["train"]
     per_worker = min(max(1, ocfg.batch_size // world), max(1, n_train // world))
     # Equal on every rank (DDP needs that). A rank's part holds at least n_train // world rows in

@@ -73,8 +73,9 @@ class Task(ABC):
         """Forward and loss for one batch (the loop does backward and the optimiser step)."""
 
     @abstractmethod
-    def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``logits`` (and per-head ``logits_*``, ``teacher``) for an evaluation batch."""
+    def eval_outputs(self, model: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``logits`` (and per-head ``logits_*``, ``teacher``) for an evaluation batch; ``rows``: the
+        batch's positions in this worker's validation part (see :meth:`bind_val_part`)."""
 
     def eval_kl(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
         """The distillation loss on un-mixed validation images, for tasks trained on it."""
@@ -93,6 +94,9 @@ class Task(ABC):
 
     def bind_train_part(self, paths: list[str], device: torch.device) -> None:
         """Called once with this worker's training rows (paths in row order)."""
+
+    def bind_val_part(self, paths: list[str], device: torch.device) -> None:
+        """Called once with this worker's validation rows (paths in row order)."""
 
     def start_epoch(self, epoch: int) -> None:
         """Called before every epoch (0-based)."""
@@ -184,7 +188,7 @@ class TeacherTask(Task):
         return {"loss": loss, "logits": logits.detach()}
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def eval_outputs(self, model: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {"logits": unwrap(model)(x)}
 
 
@@ -219,8 +223,10 @@ class TeacherViews:
         store = load_views(path)
         self.paths: list[str] = store.paths
         self.boxes, self.flips, self.logits = store.boxes, store.flips, store.logits
+        self.val_paths, self.val_logits = store.val_paths, store.val_logits
         self.num_views = int(self.boxes.shape[1])
         self.part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.val_part: torch.Tensor | None = None
 
     def bind(self, paths: list[str], device: torch.device) -> None:
         row = {p: i for i, p in enumerate(self.paths)}
@@ -229,6 +235,20 @@ class TeacherViews:
             raise ValueError(f"the teacher views lack {len(missing)} training images (e.g. {missing[0]}); rebuild them with --force")
         rows = torch.tensor([row[p] for p in paths], dtype=torch.long)
         self.part = (self.boxes[rows].to(device), self.flips[rows].to(device), self.logits[rows].to(device))
+
+    def bind_val(self, paths: list[str], device: torch.device) -> None:
+        row = {p: i for i, p in enumerate(self.val_paths)}
+        missing = [p for p in paths if p not in row]
+        if missing:
+            raise ValueError(f"the teacher views lack {len(missing)} validation images (e.g. {missing[0]}); rebuild them with --force")
+        self.val_part = self.val_logits[torch.tensor([row[p] for p in paths], dtype=torch.long)].to(device)
+
+    def val_outputs(self, rows: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits on the bound validation rows (zeros for the blank image a rank
+        without validation rows evaluates, so that every rank reports the same metrics)."""
+        if self.val_part is None or not len(self.val_part):
+            return torch.zeros((len(rows), self.logits.shape[-1]))
+        return self.val_part[rows.to(self.val_part.device)].float()
 
     def view(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """View ``k`` of the bound rows ``idx``, on ``idx``'s device (stream mode binds on the host)."""
@@ -269,6 +289,10 @@ class DeitTask(Task):
         if self.views is not None:
             self.views.bind(paths, device)
 
+    def bind_val_part(self, paths: list[str], device: torch.device) -> None:
+        if self.views is not None:
+            self.views.bind_val(paths, device)
+
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -300,11 +324,13 @@ class DeitTask(Task):
         return self._loss(model, x, batch.targets, t)
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def eval_outputs(self, model: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = head_logits(unwrap(model), x)
         if self.teacher is not None:
             xt = x if self.teacher_size == self.crop else augment.resize(x, self.teacher_size)
             out["teacher"] = self.teacher.logits(xt)
+        elif self.views is not None and rows is not None:  # the label step's output on the same input
+            out["teacher"] = self.views.val_outputs(rows).to(x.device)
         return out
 
 
@@ -392,7 +418,7 @@ class FunMatchTask(Task):
         return {"loss": loss, "logits": s.detach(), "target": t.argmax(-1), "loss_kl": loss.detach()}
 
     @torch.no_grad()
-    def eval_outputs(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def eval_outputs(self, model: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         return {"logits": unwrap(model)(x), "teacher": self.teacher.logits(x)}
 
 

@@ -155,6 +155,24 @@ def test_ranks_get_disjoint_parts_covering_the_split(ray_local, tmp_path, folder
     assert all(len(set(part.labels.tolist())) > 1 for part in parts)
 
 
+def test_row_order_does_not_depend_on_where_the_photos_lie(ray_local, tmp_path, folder_tree):
+    """Each rank trains on a contiguous range of rows, so the stored order must be a function of the
+    files and the seed only: the same tree under another path gives the same rows in the same order."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "a-much-longer-folder-name"
+    shutil.copytree(folder_tree, moved)
+    here = prep.preprocess(_cfg(tmp_path / "a", folder_tree), log=lambda *_: None)
+    there = prep.preprocess(_cfg(tmp_path / "b", moved), log=lambda *_: None)
+    for split in ("train", "val"):
+        a, b = load_split(here["shard_dir"], split), load_split(there["shard_dir"], split)
+        assert [os.path.relpath(p, folder_tree) for p in a.paths] == [os.path.relpath(p, moved) for p in b.paths]
+        assert np.array_equal(a.images.numpy(), b.images.numpy())
+    # and the seed does change it
+    reseeded = prep.preprocess(_cfg(tmp_path / "c", folder_tree, "data.seed=7"), log=lambda *_: None)
+    assert load_split(reseeded["shard_dir"], "train").paths != load_split(here["shard_dir"], "train").paths
+
+
 def test_cli_writes_result_and_config(ray_local, tmp_path, folder_tree, capsys):
     out = tmp_path / "cli"
     rc = cli_main(["preprocess", "data.source=folder", f"data.path={folder_tree}", f"output_dir={out}", "data.image_size=20"])

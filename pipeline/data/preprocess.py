@@ -20,7 +20,6 @@ a split into one array without decoding anything again.
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import shutil
 import socket
@@ -57,6 +56,7 @@ def decode_and_write(batch: dict[str, np.ndarray], size: int, mode: str, target:
     import pyarrow as pa
 
     paths = [str(p) for p in batch["path"]]
+    first = int(np.min(batch["position"]))
     splits = [str(s) for s in batch["split"]]
     labels = batch["label"].astype(np.int64)
     errors = [""] * len(paths)
@@ -66,8 +66,10 @@ def decode_and_write(batch: dict[str, np.ndarray], size: int, mode: str, target:
             pixels[i] = load_image(path, size, mode).reshape(-1)
         except Exception as exc:  # corrupt/truncated/unknown format: counted, never fatal
             errors[i] = f"{type(exc).__name__}: {exc}"[:300]
-    # The name depends only on the batch's files, so a retried task overwrites its own output.
-    name = hashlib.sha1("\0".join(paths).encode()).hexdigest()[:16]
+    # Named by the batch's first position in the seeded order: a retried task overwrites its own
+    # output, and files sorted by name give the same row order on every machine (a name derived
+    # from absolute paths made the order, and so each rank's rows, depend on where the data lay).
+    name = f"{first:09d}"
     fs, root = storage.resolve(target)
     for split in sorted(set(splits)):
         rows = np.array([i for i in range(len(paths)) if splits[i] == split and not errors[i]], dtype=np.int64)
@@ -115,6 +117,8 @@ def _write_shards(listing: SourceListing, cfg: PipelineConfig, target: str) -> t
     # Listings come class by class; in a seeded random order instead, every file and every
     # contiguous range of rows (a training rank's part, see pipeline.data.loading) mixes the classes.
     np.random.default_rng(cfg.data.seed).shuffle(records)
+    for position, record in enumerate(records):
+        record["position"] = position
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Batches small enough that every CPU of the cluster gets a few, never above rows_per_shard.
     per_batch = max(1, min(cfg.data.rows_per_shard, -(-len(records) // (cpus * 4))))

@@ -2,6 +2,7 @@
 
     python benchmarks/teacher_views.py [--photos ../shared/datasets/flower_photos] [--per-class 128]
                                        [--views 2] [--threads 2] [--student resnet10t]
+                                       [--method deit|funmatch]
 
 Side by side in one run, on a class-balanced subset of the real photos (stored at 240 px), with a
 112 px student and an EfficientNet-Lite2 teacher (package weights, 5-class head) seeing each box at
@@ -12,6 +13,10 @@ Side by side in one run, on a class-balanced subset of the real photos (stored a
    with ``--threads`` torch threads. Goal: replay epoch <= 1.1x the no-teacher epoch.
 2. the label stage (Ray Data, ``ray.num_workers`` teacher actors) in views/s against the teacher's
    bare batched inference on the same views (one process, the same total threads). Goal: >= 0.9x.
+
+With ``--method funmatch`` the student learns by function matching instead (KL to the teacher on
+mixed-up views, the teacher seeing the student's 112 px tensor, so the label step mixes each view
+with its recorded partner); the no-teacher epoch is the same student trained on labels alone.
 
 The last line reads ``replay epoch / no-teacher epoch: R``.
 """
@@ -63,8 +68,8 @@ def epoch_seconds(cfg, shard_dir: str, teacher: str | None, views: str | None) -
     from pipeline.train.steps import TrainBatch, build_task
     from timm.optim import create_optimizer_v2
 
-    if teacher is None:
-        cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"type": "none", "teacher_views": 0})})
+    if teacher is None:  # the same student on labels alone
+        cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"method": "deit", "type": "none", "teacher_views": 0})})
     elif views is None:
         cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"teacher_views": 0})})
     plan = plan_stage(cfg, "distill", shard_dir).with_teacher_inputs(views)
@@ -92,7 +97,8 @@ def epoch_seconds(cfg, shard_dir: str, teacher: str | None, views: str | None) -
 
 
 def bare_inference_views_per_s(shard_dir: str, teacher: str, store: str, batch: int = 32) -> float:
-    """The teacher alone on the label stage's own views: render each box at 224 px, forward, batched."""
+    """The teacher alone on the label stage's own views: render each box at the teacher's size (mixed
+    with its partner's for function matching), forward, batched."""
     from pipeline.label import load_views
     from pipeline.models import prefers_channels_last
 
@@ -104,13 +110,21 @@ def bare_inference_views_per_s(shard_dir: str, teacher: str, store: str, batch: 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     n, k = views.boxes.shape[:2]
+    size = views.manifest["teacher_input_size"]
     idx = rows.repeat_interleave(k)
     boxes, flips = views.boxes.reshape(-1, 4), views.flips.reshape(-1)
+    if views.partners is not None:
+        partner = (views.partners * k + torch.arange(k)).reshape(-1)  # flat index of the partner's view k
+        lams = views.lams.reshape(-1)
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, n * k, batch):
-            x = augment.render_views(train.images, idx[i : i + batch], boxes[i : i + batch], flips[i : i + batch], 224,
+            x = augment.render_views(train.images, idx[i : i + batch], boxes[i : i + batch], flips[i : i + batch], size,
                                      meta["mean"], meta["std"], "box", channels_last)
+            if views.partners is not None:
+                p = partner[i : i + batch]
+                x = augment.mix(x, augment.render_views(train.images, idx[p], boxes[p], flips[p], size, meta["mean"], meta["std"],
+                                                        "box", channels_last), lams[i : i + batch])
             model(x)
     return n * k / (time.perf_counter() - t0)
 
@@ -122,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", type=int, default=2, help="K, views per image in the label stage")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--student", default="resnet10t")
+    ap.add_argument("--method", choices=["deit", "funmatch"], default="deit",
+                    help="deit: soft KD on the teacher's 224 px view; funmatch: function matching on mixed views")
     ap.add_argument("--label-only", action="store_true",
                     help="measure only the label stage against bare inference (at the protocol's scale: --per-class 600 --views 4)")
     args = ap.parse_args(argv)
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             f"output_dir={tmp}/out", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.source=folder", f"data.path={photos}",
             "data.image_size=240", "data.val_fraction=0.1", "train.crop_size=112", "train.augment=inception",
             "train.inception_scale=[0.25,1.0]", f"distill.student={args.student}", "distill.student_pretrained=none",
-            "distill.type=soft", f"distill.teacher_views={args.views}", "distill.batch_size=64", "distill.drop_path=0.0",
+            "distill.type=soft", f"distill.method={args.method}", "distill.temperature=2.0", f"distill.teacher_views={args.views}", "distill.batch_size=64", "distill.drop_path=0.0",
             f"ray.num_workers={args.threads}", "ray.cpus_per_worker=1",
         ])
         ray.init(num_cpus=args.threads, logging_level="ERROR", include_dashboard=False)
@@ -146,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         teacher = save_teacher(os.path.join(tmp, "teacher"), manifest["class_names"])
         cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"teacher": teacher})})
         n_train = manifest["split_sizes"]["train"]
-        print(f"{n_train} training photos at 240 px; student {args.student} at 112 px; teacher Lite2 at 224 px; "
+        seen = "112 px, mixed views (function matching)" if args.method == "funmatch" else "224 px"
+        print(f"{n_train} training photos at 240 px; student {args.student} at 112 px; teacher Lite2 at {seen}; "
               f"{args.threads} threads; K = {args.views}")
 
         t0 = time.perf_counter()

@@ -180,7 +180,9 @@ class DistillConfig(OptimConfig):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                              description="output folder under <output_dir>/distill/ and MLflow role; default <method>-<type>")
     teacher_views: int = Field(0, ge=0, le=1024, description="K > 0: replay K teacher-labelled views per image (label step, "
-                               "no teacher in the workers); epoch e uses view e mod K. 0: the teacher runs online")
+                               "no teacher in the workers); epoch e uses view e mod K. 0: the teacher runs online. DeiT soft/hard; "
+                               "funmatch function_matching (mixup partners recorded, paired per ray.num_workers, memory "
+                               "mode) or consistent")
     teacher_topk: int = Field(10, ge=1, le=1000, description="label stage, above 128 classes: keep the teacher's top-k logits "
                               "per view (up to 128 classes all are kept, in fp16)")
     teacher_input_size: int | None = Field(None, ge=8, description="the teacher sees the student's crop box at this size; "

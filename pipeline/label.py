@@ -51,15 +51,37 @@ FULL_LOGITS_MAX_CLASSES = 128
 # Below every kept logit by far: a replayed top-k target puts (next to) no mass on the classes it
 # does not list, without the NaN an -inf target gives in a KL.
 TOPK_FILL_BELOW = 50.0
+# Rows per mixup chunk: small enough that a batch of the label job holds whole chunks, large
+# enough that partners are varied (function matching pairs image i with i-1 of a shuffled batch).
+PAIR_CHUNK = 64
 REBUILD = "rebuild it with `python -m pipeline label --force` (or `run --force distill`)"
+
+
+def pairing(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """Function matching's mixup pairs, or None when views are single images. Each image of view k
+    is mixed with a partner drawn from its chunk of :data:`PAIR_CHUNK` rows, and chunks lie inside
+    one training worker's range of rows (``ray.num_workers`` of them), so the worker that replays
+    the view holds the partner's pixels too; another worker count needs another store."""
+    d = cfg.distill
+    if d.method != "funmatch" or d.teaching != "function_matching":
+        return None
+    return {"world": cfg.ray.num_workers, "chunk": PAIR_CHUNK, "fold": d.mixup_fold}
+
+
+def view_augment(cfg: PipelineConfig) -> str:
+    """How views are drawn: function matching always takes inception crops (as online); DeiT the
+    student's augmentation."""
+    return "inception" if cfg.distill.method == "funmatch" else stage_train(cfg, "distill").augment
 
 
 def views_key(cfg: PipelineConfig, shard_dir: str, teacher_id) -> str:
     tcfg = stage_train(cfg, "distill")
     d = cfg.distill
-    return fingerprint("teacher-views", VIEWS_FORMAT, teacher_id, shard_dir, d.teacher_views, tcfg.augment,
+    # Function matching's recipe is appended only for it, so that DeiT stores keep their keys.
+    funmatch = ("funmatch", pairing(cfg)) if d.method == "funmatch" else ()
+    return fingerprint("teacher-views", VIEWS_FORMAT, teacher_id, shard_dir, d.teacher_views, view_augment(cfg),
                        tcfg.crop_size, tcfg.inception_scale, d.teacher_input_size, d.teacher_topk, tcfg.seed,
-                       tcfg.eval_transform)[:16]
+                       tcfg.eval_transform, *funmatch)[:16]
 
 
 def views_path(cfg: PipelineConfig, shard_dir: str, teacher_id) -> str:
@@ -151,11 +173,19 @@ class _Labeler:
         train_at, val_at = np.flatnonzero(~is_val), np.flatnonzero(is_val)
         paths = [all_paths[i] for i in train_at]
         boxes, flips = draw_views(paths, h, w, s["augment"], s["crop"], tuple(s["scale"]), s["seed"], s["k"])
-        k = s["k"]
+        k, n = s["k"], len(paths)
         idx = torch.from_numpy(train_at).repeat_interleave(k)
         flat_boxes, flat_flips = boxes.reshape(-1, 4), flips.reshape(-1)
-        x = augment.render_views(images, idx.to(self.device), flat_boxes.to(self.device), flat_flips.to(self.device), s["size"],
-                                 self.meta["mean"], self.meta["std"], s["mode"], self.channels_last)
+        x = self._render(images, idx, flat_boxes, flat_flips)
+        pair_columns = {}
+        if s["pairs"]:
+            chunks = batch["chunk"].to_numpy()[train_at] if "chunk" in batch.column_names else np.full(n, -1)
+            partner, lam = draw_pairs(chunks, paths, k, s["seed"], s["pairs"]["fold"])
+            views = torch.arange(k).expand(n, k)
+            xp = self._render(images, torch.from_numpy(train_at)[partner.reshape(-1)], boxes[partner, views].reshape(-1, 4),
+                              flips[partner, views].reshape(-1))
+            x = augment.mix(x, xp, lam.reshape(-1).to(x.device))
+            pair_columns = {"partner": [paths[j] for j in partner.reshape(-1).tolist()], "lam": lam.reshape(-1).numpy()}
         logits = self._logits(x)
         # The student's evaluation input (its crop, its eval transform), seen at the teacher's size:
         # what an online teacher is shown in validation (pipeline.train.steps.DeitTask.eval_outputs).
@@ -165,13 +195,44 @@ class _Labeler:
         nv = len(val_at)
         columns = {
             "path": pa.array([p for p in paths for _ in range(k)] + [all_paths[i] for i in val_at], type=pa.string()),
-            "view": pa.array(np.concatenate([np.tile(np.arange(k, dtype=np.int16), len(paths)), np.full(nv, -1, np.int16)])),
+            "view": pa.array(np.concatenate([np.tile(np.arange(k, dtype=np.int16), n), np.full(nv, -1, np.int16)])),
             **{name: pa.array(np.concatenate([flat_boxes[:, i].numpy().astype(np.float32), np.zeros(nv, np.float32)]))
                for i, name in enumerate(("x1", "y1", "x2", "y2"))},
             "flip": pa.array(np.concatenate([flat_flips.numpy(), np.zeros(nv, bool)])),
             **encode_outputs(torch.cat([logits, val_logits]), s["topk"]),
         }
+        if pair_columns:  # a validation row is its own partner, unmixed
+            columns["partner"] = pa.array(pair_columns["partner"] + [all_paths[i] for i in val_at], type=pa.string())
+            columns["lam"] = pa.array(np.concatenate([pair_columns["lam"], np.ones(nv, np.float32)]).astype(np.float32))
         return pa.table(columns)
+
+    def _render(self, images: torch.Tensor, idx: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        s = self.s
+        return augment.render_views(images, idx.to(self.device), boxes.to(self.device), flips.to(self.device), s["size"],
+                                    self.meta["mean"], self.meta["std"], s["mode"], self.channels_last)
+
+
+def draw_pairs(chunks: np.ndarray, paths: list[str], k_views: int, seed: int, fold: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Function matching's mixup for each training row and view: the partner (a row of the same
+    chunk, N x K indices into ``paths``) and lambda (N x K, U(0, 1), or max(u, 1 - u) with ``fold``).
+
+    Within a chunk and view the partners follow one random cycle, so every image is mixed into
+    exactly one other, like the rolled batch of online function matching. Each chunk's draws come
+    from a generator seeded by its first path, so they do not depend on how the work is batched.
+    """
+    partner = torch.zeros((len(paths), k_views), dtype=torch.long)
+    lam = torch.zeros((len(paths), k_views))
+    for chunk in np.unique(chunks):
+        members = torch.from_numpy(np.flatnonzero(chunks == chunk))
+        members = members[torch.from_numpy(np.argsort([paths[i] for i in members.tolist()], kind="stable"))]
+        digest = hashlib.sha256(f"{seed}:pairs:{paths[members[0]]}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        for k in range(k_views):
+            cycle = members[torch.randperm(len(members), generator=gen)]
+            partner[cycle, k] = torch.roll(cycle, 1)
+            u = torch.rand(len(members), generator=gen)
+            lam[members, k] = torch.maximum(u, 1 - u) if fold else u
+    return partner, lam
 
 
 @dataclass
@@ -186,6 +247,9 @@ class ViewStore:
     manifest: dict[str, Any]
     val_paths: list[str]
     val_logits: torch.Tensor  # M x C
+    # function matching: each view's mixup partner (N x K rows of ``paths``) and lambda (N x K)
+    partners: torch.Tensor | None = None
+    lams: torch.Tensor | None = None
 
 
 def load_views(path: str) -> ViewStore:
@@ -220,10 +284,21 @@ def load_views(path: str) -> ViewStore:
         flips = torch.from_numpy(table["flip"].to_numpy(zero_copy_only=False).astype(bool))
         logits = decode_outputs(table, classes)
         val_logits = decode_outputs(val, classes)
+        partners, lams = _pairs_of(table, paths, k) if "partner" in table.column_names else (None, None)
     except (DataError, pa.ArrowException, OSError, KeyError) as exc:
         raise DataError(f"the teacher view store {path} is damaged ({exc}); {REBUILD}") from None
     return ViewStore(paths, boxes.view(n, k, 4), flips.view(n, k), logits.view(n, k, classes), manifest,
-                     val["path"].to_pylist(), val_logits)
+                     val["path"].to_pylist(), val_logits, partners, lams)
+
+
+def _pairs_of(table: pa.Table, paths: list[str], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    row = {p: i for i, p in enumerate(paths)}
+    named = table["partner"].to_pylist()
+    unknown = [p for p in named if p not in row]
+    if unknown:
+        raise DataError(f"names mixup partners that are not among its images ({unknown[0]})")
+    partners = torch.tensor([row[p] for p in named], dtype=torch.long).view(len(paths), k)
+    return partners, torch.from_numpy(table["lam"].to_numpy().astype(np.float32)).view(len(paths), k)
 
 
 def label_views(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, log=print, force: bool = False,
@@ -286,8 +361,11 @@ def _settings(cfg: PipelineConfig, shard_dir: str, teacher_size: int) -> dict[st
     tcfg = stage_train(cfg, "distill")
     manifest = read_manifest(shard_dir)
     crop = tcfg.crop_size or manifest["image_size"]
-    return {"k": cfg.distill.teacher_views, "augment": tcfg.augment, "crop": crop, "scale": list(tcfg.inception_scale),
-            "seed": tcfg.seed, "size": teacher_size, "mode": augment.view_mode(tcfg.augment, crop, teacher_size),
+    kind = view_augment(cfg)
+    if cfg.distill.method == "funmatch":  # the teacher sees the student's very tensor
+        teacher_size = crop
+    return {"k": cfg.distill.teacher_views, "augment": kind, "crop": crop, "scale": list(tcfg.inception_scale),
+            "seed": tcfg.seed, "size": teacher_size, "mode": augment.view_mode(kind, crop, teacher_size), "pairs": pairing(cfg),
             "shape": manifest["image_shape"], "classes": manifest["num_classes"], "topk": cfg.distill.teacher_topk,
             "class_names": manifest["class_names"], "images": manifest["split_sizes"]["train"],
             "val_images": manifest["split_sizes"]["val"], "eval_transform": tcfg.eval_transform}
@@ -295,8 +373,6 @@ def _settings(cfg: PipelineConfig, shard_dir: str, teacher_size: int) -> dict[st
 
 def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: str, log, tracker, in_process: bool) -> str:
     from pipeline import checkpoints
-    from pipeline.data.loading import split_files
-
     if not in_process:
         from pipeline.cluster import init_ray
 
@@ -311,7 +387,7 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
     # reads, actors and writes together fit what training would take: a write task that waits for a
     # whole CPU while the actors hold them all would wait forever.
     cpus = 1.0 if gpu else max(0.01, cfg.ray.cpus_per_worker - 0.1)
-    files = [(f, "train") for f in split_files(shard_dir, "train")] + [(f, "val") for f in split_files(shard_dir, "val")]
+    items = _label_items(shard_dir, s["pairs"])
     local = not storage.is_uri(path)
     work = f"{path}.partial-{uuid.uuid4().hex[:8]}" if local else path
     if local:
@@ -324,11 +400,11 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
     t0 = time.perf_counter()
     try:
         if in_process:
-            _label_here(files, work, teacher, s, gpu)
+            _label_here(items, work, teacher, s, gpu)
         else:
             import ray
 
-            ray.get(ray.remote(num_cpus=0, max_calls=1)(_label_job).remote(files, work, teacher, s, actors, cpus, gpu))
+            ray.get(ray.remote(num_cpus=0, max_calls=1)(_label_job).remote(items, work, teacher, s, actors, cpus, gpu))
         seconds = time.perf_counter() - t0
         written = storage.list_files(work, ".parquet")
         prefix = storage.resolve(work)[1].rstrip("/") + "/"
@@ -337,7 +413,7 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
                     "inception_scale": s["scale"], "seed": s["seed"], "num_classes": s["classes"], "class_names": s["class_names"],
                     "encoding": "logits" if s["classes"] <= FULL_LOGITS_MAX_CLASSES else f"top{s['topk']}",
                     "images": s["images"], "views": s["images"] * s["k"], "val_images": s["val_images"],
-                    "eval_transform": s["eval_transform"],
+                    "eval_transform": s["eval_transform"], "mixup_pairs": s["pairs"],
                     "files": [storage.resolve(f)[1][len(prefix):] for f in written], "seconds": round(seconds, 2),
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         storage.write_json(storage.join(work, "manifest.json"), manifest)
@@ -355,19 +431,41 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
     return path
 
 
-def _label_here(files: list[tuple[str, str]], work: str, teacher: str, s: dict[str, Any], gpu: bool, batch: int = 256) -> None:
-    """The label job without Ray: the same teacher over the same shards, one Parquet file per shard."""
+def _label_items(shard_dir: str, pairs: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The label job's inputs: whole shard files; with mixup pairs, the training split as chunks of
+    rows inside each training worker's range (see :func:`pairing`)."""
+    from pipeline.data.loading import rank_range, split_files
+    from pipeline.data.row_groups import range_items, row_groups
+
+    def whole(split: str) -> list[dict[str, Any]]:
+        return [{"file": f, "split": split, "groups": "", "start": 0, "stop": 0} for f in split_files(shard_dir, split)]
+
+    if not pairs:
+        return whole("train") + whole("val")
+    fs, _ = storage.resolve(shard_dir)
+    groups = row_groups(split_files(shard_dir, "train"), fs, not storage.is_uri(shard_dir))
+    total = sum(g.num_rows for g in groups)
+    ranges = []
+    for rank in range(pairs["world"]):
+        start, stop = rank_range(total, rank, pairs["world"])
+        ranges += [(a, min(a + pairs["chunk"], stop)) for a in range(start, stop, pairs["chunk"])]
+    return range_items(groups, "train", ranges) + whole("val")
+
+
+def _label_here(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], gpu: bool, batch: int = 256) -> None:
+    """The label job without Ray: the same teacher over the same inputs, one Parquet file per input."""
     labeler = _Labeler(teacher, s, torch.get_num_threads(), gpu)
     fs, root = storage.resolve(work)
     fs.create_dir(root, recursive=True)
-    for i, (name, split) in enumerate(files):
-        table = read_files({"file": [name], "split": [split]})
+    for i, item in enumerate(items):
+        table = read_files({key: [value] for key, value in item.items()})
+        # a chunk (at most PAIR_CHUNK rows) stays in one batch, so its images find their partners
         parts = [labeler(table.slice(j, batch)) for j in range(0, table.num_rows, batch)]
         if parts:
             pq.write_table(pa.concat_tables(parts), f"{root}/part-{i:05d}.parquet", filesystem=fs)
 
 
-def _label_job(files: list[tuple[str, str]], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool) -> None:
+def _label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool) -> None:
     """The Ray Data job, run as a task of its own (``max_calls=1``): its worker process exits when it
     ends, and the teacher actors it owns go with it. (Ray Data drops an actor pool by reference
     counting, and references can outlive the job in the process that ran it; actors left alive
@@ -376,12 +474,13 @@ def _label_job(files: list[tuple[str, str]], work: str, teacher: str, s: dict[st
 
     # Every task gets a sliver of a CPU: the actors hold the rest, and Ray Data's own
     # read_parquet starts with a file-listing task that asks for a whole CPU (it would wait forever).
-    ds = ray.data.from_items([{"file": f, "split": split} for f, split in files], override_num_blocks=max(1, len(files)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(read_files, batch_size=1, num_cpus=0.05, compute=ray.data.TaskPoolStrategy(size=max(1, actors)))
+    # With mixup pairs each batch is one input's block (a chunk, never split), so partners are in it.
     labelled = ds.map_batches(_Labeler, fn_constructor_kwargs={"teacher": teacher, "settings": s, "threads": int(round(cpus)) or 1,
                                                                "use_gpu": gpu},
-                              batch_size=32, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-                              num_cpus=cpus, num_gpus=1 if gpu else 0)
+                              batch_size=None if s["pairs"] else 32, batch_format="pyarrow",
+                              compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=1 if gpu else 0)
     target_fs, target = storage.resolve(work)
     labelled.write_parquet(target, filesystem=target_fs, ray_remote_args={"num_cpus": 0.05})
 

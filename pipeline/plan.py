@@ -129,8 +129,8 @@ def _tags(cfg: PipelineConfig, kind: StageKind, role: str, arch: str) -> dict[st
             "method": "finetune" if kind is StageKind.TEACHER else d.method}
     if kind is StageKind.DEIT:
         tags["distill_type"] = d.type
-        if d.type != "none" and d.teacher_views:
-            tags["teacher_views"] = str(d.teacher_views)
+    if d.teacher_views and (kind is StageKind.FUNMATCH or (kind is StageKind.DEIT and d.type != "none")):
+        tags["teacher_views"] = str(d.teacher_views)
     if kind is not StageKind.TEACHER and d.student_pretrained == "teacher":
         tags["student_init"] = "teacher"
     if kind is StageKind.FUNMATCH:
@@ -173,9 +173,13 @@ def _validate(cfg: PipelineConfig, kind: StageKind) -> str | None:
     if d.teacher_input_size and kind is StageKind.FUNMATCH:
         raise ConfigError("distill.teacher_input_size applies to distill.method=deit; in function matching the teacher sees "
                           "the student's very tensor: leave it unset")
-    if d.teacher_views and kind is StageKind.FUNMATCH:
-        raise ConfigError("distill.teacher_views replays recorded views for distill.method=deit; function matching mixes "
-                          "images per batch, which needs the online teacher: set distill.teacher_views=0")
+    if d.teacher_views and kind is StageKind.FUNMATCH and d.teaching not in ("function_matching", "consistent"):
+        raise ConfigError(f"distill.teacher_views replays recorded views for distill.teaching=function_matching or consistent; "
+                          f"{d.teaching} needs the online teacher (fixed_teacher is its own one-view cache): set "
+                          "distill.teacher_views=0")
+    if d.teacher_views and kind is StageKind.FUNMATCH and d.teaching == "function_matching" and cfg.train.data == "stream":
+        raise ConfigError("function-matching teacher views mix each image with a partner from the same worker's part of the "
+                          "split, which stream mode does not hold: set train.data=memory (or auto) or distill.teacher_views=0")
     _check_weights(d.student_pretrained, d.student, "distill.student_pretrained")
     if d.student_pretrained == "teacher":
         source = teacher_source(cfg)

@@ -112,7 +112,7 @@ def _teacher_inputs(cfg: PipelineConfig, plan: StagePlan, force: bool, log, trac
     """The fixed teacher's cached logits or the label stage's views, when the plan trains on them."""
     if plan.kind is StageKind.FUNMATCH and cfg.distill.teaching == "fixed_teacher":
         return teacher_cache(cfg, plan.shard_dir, plan.teacher, log)
-    if plan.kind is StageKind.DEIT and plan.uses_teacher and cfg.distill.teacher_views:
+    if plan.uses_teacher and cfg.distill.teacher_views:
         from pipeline.label import label_views
 
         return label_views(cfg, plan.shard_dir, plan.teacher, teacher_identity(plan.teacher), log, force=force, tracker=tracker)
@@ -136,7 +136,7 @@ def _fit(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, force: bool, lo
     init_ray(cfg.ray, cfg.output_dir)
     check_capacity(cfg.ray)  # a request the cluster can never place fails now, before labelling, an MLflow run or an endless wait
     plan = plan.with_teacher_inputs(_teacher_inputs(cfg, plan, force, log, tracker))
-    if plan.teacher_inputs and cfg.distill.teacher_views and plan.kind is StageKind.DEIT:
+    if plan.teacher_inputs and cfg.distill.teacher_views:
         extra_tags = {**extra_tags, "teacher_views_key": storage.resolve(plan.teacher_inputs)[1].rstrip("/").rsplit("/", 1)[-1]}
     id_file = storage.join(run_dir, "mlflow_run_id")
     previous = storage.read_text(id_file).strip() if storage.is_file(id_file) else None

@@ -334,3 +334,100 @@ def test_streamed_batches_replay_the_views_of_their_own_images(shards, tmp_path)
         assert torch.equal(images, whole.images[rows])
         seen += rows.tolist()
     assert len(seen) == len(set(seen)) == len(whole) // 4 * 4
+
+
+def _funmatch_cfg(shards, *extra):
+    return _cfg(shards, "distill.method=funmatch", "distill.teaching=function_matching", "distill.temperature=2.0", *extra)
+
+
+def test_function_matching_views_pair_images_inside_one_workers_chunk_and_replay_exactly(shards, tmp_path, monkeypatch):
+    """Each view k of image i is mixed with view k of a partner from the same chunk of rows, inside
+    one training worker's range; the teacher's stored output is on exactly that mixed tensor, and
+    the replaying student gets the same tensor and the KL to that output."""
+    from pipeline import label
+    from pipeline.data.loading import load_split, rank_range
+    from pipeline.train.steps import FunMatchTask
+
+    monkeypatch.setattr(label, "PAIR_CHUNK", 4)
+    teacher = _save_teacher(tmp_path / "t", input_size=40)  # function matching shows the teacher the student's tensor
+    cfg = _funmatch_cfg(shards, "distill.teacher_views=3", "ray.num_workers=2")
+    path = label_views(cfg, shards["dir"], teacher, "teacher-0", log=lambda *_: None)
+    store = load_views(path)
+    assert store.manifest["mixup_pairs"] == {"world": 2, "chunk": 4, "fold": False}
+    whole = load_split(shards["dir"], "train")
+    n = len(whole)
+    position = {p: i for i, p in enumerate(whole.paths)}  # storage order, which the workers' ranges follow
+
+    def chunk_of(p):
+        pos = position[p]
+        rank = next(r for r in range(2) if rank_range(n, r, 2)[0] <= pos < rank_range(n, r, 2)[1])
+        return rank, (pos - rank_range(n, rank, 2)[0]) // 4
+
+    mixed_with_another = 0
+    for i, p in enumerate(store.paths):
+        for k in range(3):
+            q = store.paths[store.partners[i, k]]
+            assert chunk_of(q) == chunk_of(p)
+            mixed_with_another += q != p
+    assert mixed_with_another > 2 * n  # only a chunk of one image mixes an image with itself
+    # within a chunk and view, every image is some image's partner exactly once (a cycle)
+    for k in range(3):
+        assert sorted(store.partners[:, k].tolist()) == list(range(n))
+    assert 0 <= store.lams.min() and store.lams.max() <= 1 and store.lams.std() > 0.1
+    assert not torch.equal(store.partners[:, 0], store.partners[:, 1])
+
+    # the teacher's stored output is its output on the mixed views
+    model, meta = checkpoints.load_model(teacher)
+    at = torch.tensor([position[p] for p in store.paths])  # store row -> row of `whole`
+    for k in range(3):
+        own = augment.render_views(whole.images, at, store.boxes[:, k], store.flips[:, k], 24, meta["mean"], meta["std"])
+        partner = store.partners[:, k]
+        other = augment.render_views(whole.images, at[partner], store.boxes[partner, k], store.flips[partner, k], 24,
+                                     meta["mean"], meta["std"])
+        with torch.no_grad():
+            again = model(augment.mix(own, other, store.lams[:, k]))
+        assert torch.allclose(again, store.logits[:, k].float(), atol=2e-2, rtol=1e-2)
+
+    # rank 1's worker replays its part: the same mixed tensor, the KL at T to the stored output
+    part = load_split(shards["dir"], "train", 1, 2)
+    task = _task(cfg, "distill", {"num_classes": CLASSES, "image_size": 48}, teacher, path)
+    assert isinstance(task, FunMatchTask) and task.teacher is None
+    task.bind_train_part(part.paths, torch.device("cpu"))
+    seen = {}
+    task.model.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach().clone()))
+    task.model.eval()
+    task.start_epoch(4)  # view 4 mod 3 = 1
+    rows = torch.tensor([0, 2, 5])
+    out = task.train_step(task.model, TrainBatch(part.images, part.labels, rows, None))
+    srow = torch.tensor([store.paths.index(part.paths[r]) for r in rows.tolist()])
+    prow = store.partners[srow, 1]
+    expected = augment.mix(
+        augment.render_views(whole.images, at[srow], store.boxes[srow, 1], store.flips[srow, 1], 24, task.mean, task.std),
+        augment.render_views(whole.images, at[prow], store.boxes[prow, 1], store.flips[prow, 1], 24, task.mean, task.std),
+        store.lams[srow, 1])
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
+    ref = losses.soft_kl(task.model(expected).detach(), store.logits[srow, 1].float(), 2.0, True)
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-3, abs=1e-4)
+
+    # a worker of another split of the rows lacks some partners: refused, saying why
+    with pytest.raises(ValueError, match="paired for 2 training worker"):
+        _task(cfg, "distill", {"num_classes": CLASSES, "image_size": 48}, teacher, path).bind_train_part(
+            load_split(shards["dir"], "train", 1, 3).paths, torch.device("cpu"))
+
+
+def test_function_matching_views_are_keyed_by_the_worker_count_and_refused_where_they_cannot_replay(shards, tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.label import views_key
+
+    two, three = _funmatch_cfg(shards, "distill.teacher_views=2", "ray.num_workers=2"), _funmatch_cfg(shards, "distill.teacher_views=2", "ray.num_workers=3")
+    assert views_key(two, shards["dir"], "t") != views_key(three, shards["dir"], "t")
+    deit_two, deit_three = _cfg(shards, "distill.teacher_views=2", "ray.num_workers=2"), _cfg(shards, "distill.teacher_views=2", "ray.num_workers=3")
+    assert views_key(deit_two, shards["dir"], "t") == views_key(deit_three, shards["dir"], "t")  # DeiT views are per image
+    with pytest.raises(ConfigError, match="stream mode"):
+        plan_stage(_funmatch_cfg(shards, "distill.teacher_views=2", "train.data=stream"), "distill", "unused-shards")
+    with pytest.raises(ConfigError, match="independent_noise needs the online teacher"):
+        plan_stage(_funmatch_cfg(shards, "distill.teacher_views=2", "distill.teaching=independent_noise"), "distill", "unused-shards")
+    # consistent teaching replays single views (no partners): any worker count
+    assert views_key(_funmatch_cfg(shards, "distill.teacher_views=2", "distill.teaching=consistent", "ray.num_workers=3"),
+                     shards["dir"], "t") == views_key(
+        _funmatch_cfg(shards, "distill.teacher_views=2", "distill.teaching=consistent", "ray.num_workers=2"), shards["dir"], "t")

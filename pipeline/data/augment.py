@@ -173,6 +173,12 @@ def mixup_rolled(x: torch.Tensor, lam: torch.Tensor | float, reverse: bool = Fal
     return lam * x + (1 - lam) * partner
 
 
+def mix(x: torch.Tensor, partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``lam * x + (1 - lam) * partner`` with one lambda per image (replayed function-matching views)."""
+    lam = lam.to(x.dtype).view(-1, 1, 1, 1)
+    return lam * x + (1 - lam) * partner
+
+
 def sample_views(
     n: int,
     height: int,

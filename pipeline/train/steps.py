@@ -224,8 +224,11 @@ class TeacherViews:
         self.paths: list[str] = store.paths
         self.boxes, self.flips, self.logits = store.boxes, store.flips, store.logits
         self.val_paths, self.val_logits = store.val_paths, store.val_logits
+        self.partners, self.lams = store.partners, store.lams
+        self.pairs = store.manifest.get("mixup_pairs")
         self.num_views = int(self.boxes.shape[1])
         self.part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.part_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.val_part: torch.Tensor | None = None
 
     def bind(self, paths: list[str], device: torch.device) -> None:
@@ -235,6 +238,25 @@ class TeacherViews:
             raise ValueError(f"the teacher views lack {len(missing)} training images (e.g. {missing[0]}); rebuild them with --force")
         rows = torch.tensor([row[p] for p in paths], dtype=torch.long)
         self.part = (self.boxes[rows].to(device), self.flips[rows].to(device), self.logits[rows].to(device))
+        if self.partners is not None:
+            self.part_pairs = (self._partner_rows(rows, paths).to(device), self.lams[rows].to(device))
+
+    def _partner_rows(self, rows: torch.Tensor, paths: list[str]) -> torch.Tensor:
+        """Each bound row's mixup partner per view, as a position in this worker's part."""
+        at = {row: i for i, row in enumerate(rows.tolist())}
+        partners = self.partners[rows]
+        outside = [int(r) for r in partners.reshape(-1).tolist() if int(r) not in at]
+        if outside:
+            raise ValueError(f"the function-matching views mix {len(outside)} of this worker's views with images another worker "
+                             f"holds (e.g. {self.paths[outside[0]]}): they were paired for {self.pairs['world']} training "
+                             "worker(s) in memory mode; train with that ray.num_workers and train.data=memory, or relabel")
+        return partners.apply_(lambda r: at[r])
+
+    def pair(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """View ``k``'s mixup partners (positions in the bound part) and lambdas of the bound rows ``idx``."""
+        partners, lams = self.part_pairs
+        at = idx.to(partners.device)
+        return partners[at, k].to(idx.device), lams[at, k].to(idx.device)
 
     def bind_val(self, paths: list[str], device: torch.device) -> None:
         row = {p: i for i, p in enumerate(self.val_paths)}
@@ -357,6 +379,10 @@ class FunMatchTask(Task):
     - ``independent_noise``: teacher and student get independently drawn crops of the same images.
     - ``fixed_teacher``: the teacher's logits on centre crops, computed once and cached; the student
       sees random crops.
+
+    With ``teacher_views`` (``function_matching`` or ``consistent``) the crops, flips, mixup partners
+    and lambdas and the teacher's logits on the result are replayed from the label step, view
+    ``epoch mod K``, and no teacher is loaded.
     """
 
     def __init__(self, cfg: PipelineConfig, plan: StagePlan, manifest: dict[str, Any], device: torch.device):
@@ -365,7 +391,15 @@ class FunMatchTask(Task):
         self.teaching = d.teaching
         self.model, self.meta = build_stage_student(cfg, plan, manifest["num_classes"], self.crop)
         self.mean, self.std = self.meta["mean"], self.meta["std"]
-        self.teacher = FrozenTeacher(plan.teacher, device, self.mean, self.std)
+        self.views: TeacherViews | None = None
+        self.teacher: FrozenTeacher | None = None
+        if d.teacher_views:
+            if plan.teacher_inputs is None:
+                raise ValueError("distill.teacher_views > 0 needs the label step's views")
+            self.views = TeacherViews(plan.teacher_inputs)
+        else:
+            self.teacher = FrozenTeacher(plan.teacher, device, self.mean, self.std)
+        self.epoch = 0
         self.cached: dict[str, torch.Tensor] | None = None
         if self.teaching == "fixed_teacher":
             if plan.teacher_inputs is None:
@@ -375,13 +409,23 @@ class FunMatchTask(Task):
         self.part_logits: torch.Tensor | None = None
 
     def bind_train_part(self, paths: list[str], device: torch.device) -> None:
-        """fixed_teacher: line the cached logits up with this worker's rows of the training split."""
+        """fixed_teacher: line the cached logits up with this worker's rows of the training split;
+        views: the recorded views of those rows."""
+        if self.views is not None:
+            self.views.bind(paths, device)
         if self.cached is not None:
             row = {p: i for i, p in enumerate(self.cached["paths"])}
             missing = [p for p in paths if p not in row]
             if missing:
                 raise ValueError(f"teacher cache lacks {len(missing)} training images (e.g. {missing[0]}); rebuild it")
             self.part_logits = self.cached["logits"][[row[p] for p in paths]].to(device)
+
+    def bind_val_part(self, paths: list[str], device: torch.device) -> None:
+        if self.views is not None:
+            self.views.bind_val(paths, device)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     reports_kl = True
 
@@ -391,6 +435,8 @@ class FunMatchTask(Task):
 
     def train_inputs(self, batch: TrainBatch) -> FunMatchInputs:
         """What the student and the teacher get for this batch under ``distill.teaching``."""
+        if self.views is not None:
+            return self._replayed_inputs(batch)
         d, scale, gen = self.opt_cfg, tuple(self.tcfg.inception_scale), batch.generator
         base = augment.to_float(batch.images[batch.idx], self.mean, self.std, batch.channels_last)
         boxes = augment.sample_crop_boxes(len(batch.idx), base.shape[-2], base.shape[-1], scale, generator=gen, device=base.device)
@@ -408,6 +454,23 @@ class FunMatchTask(Task):
             inputs.teacher, inputs.cached_logits = None, self.part_logits[batch.part_rows.to(self.part_logits.device)].to(batch.images.device)
         return inputs
 
+    def _replayed_inputs(self, batch: TrainBatch) -> FunMatchInputs:
+        """The recorded view ``epoch mod K`` of each image, mixed with its recorded partner's view."""
+        k = self.epoch % self.views.num_views
+        boxes, flips, t = self.views.view(batch.part_rows, k)
+        x = augment.render_views(batch.images, batch.idx, boxes, flips, self.crop, self.mean, self.std, "box", batch.channels_last)
+        inputs = FunMatchInputs(student=x, teacher=None, student_boxes=boxes, cached_logits=t)
+        if self.views.part_pairs is not None:
+            if batch.rows is not None:
+                raise ValueError("function-matching teacher views mix each image with a partner from this worker's part of the "
+                                 "split, which stream mode does not hold: set train.data=memory")
+            partner, lam = self.views.pair(batch.part_rows, k)
+            pboxes, pflips, _ = self.views.view(partner, k)
+            xp = augment.render_views(batch.images, partner, pboxes, pflips, self.crop, self.mean, self.std, "box",
+                                      batch.channels_last)
+            inputs.student, inputs.mixup_lambda = augment.mix(x, xp, lam), lam
+        return inputs
+
     def train_step(self, model: nn.Module, batch: TrainBatch) -> dict[str, torch.Tensor]:
         inputs = self.train_inputs(batch)
         x = inputs.student
@@ -419,7 +482,11 @@ class FunMatchTask(Task):
 
     @torch.no_grad()
     def eval_outputs(self, model: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"logits": unwrap(model)(x), "teacher": self.teacher.logits(x)}
+        if self.views is not None:  # the label step's output on the same input
+            teacher = self.views.val_outputs(rows if rows is not None else torch.arange(len(x))).to(x.device)
+        else:
+            teacher = self.teacher.logits(x)
+        return {"logits": unwrap(model)(x), "teacher": teacher}
 
 
 #: The task class of each stage kind; a new kind adds its class here.

@@ -197,6 +197,40 @@ class ProgressDisplay:
             print(line, file=self.lines, flush=True)
 
 
+class CountProgress:
+    """Progress of a job counted in items (the label step's views): a live bar on a terminal's stderr,
+    elsewhere (a log, ``ray job submit``) one line at each quarter, so logs stay short."""
+
+    def __init__(self, label: str, total: int, unit: str, lines: TextIO | None = None, live: bool | None = None):
+        self.label, self.total, self.unit = label, max(1, total), unit
+        self.lines = lines or sys.stdout
+        self.live = sys.stderr.isatty() if live is None else live
+        self.done, self.quarter = 0, 0
+        self.started = time.monotonic()
+        self._bar = None
+        if self.live:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc=label, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def advance(self, n: int) -> None:
+        self.done = min(self.total, self.done + n)
+        if self._bar is not None:
+            self._bar.update(self.done - self._bar.n)
+            return
+        quarter = self.done * 4 // self.total
+        if quarter > self.quarter and self.done < self.total:  # the stage's own line reports the end
+            self.quarter = quarter
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / self.done * (self.total - self.done)
+            print(f"{self.label}: {self.done}/{self.total} {self.unit} ({100 * self.done // self.total} %), "
+                  f"{_clock(elapsed)} so far, ETA {_clock(eta)}", file=self.lines, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"

@@ -144,7 +144,7 @@ class _Labeler:
     """A Ray Data actor holding the frozen teacher: a batch of stored images in, their K views'
     rows out (one per image and view)."""
 
-    def __init__(self, teacher: str, settings: dict[str, Any], threads: int, use_gpu: bool):
+    def __init__(self, teacher: str, settings: dict[str, Any], threads: int, use_gpu: bool, progress=None):
         from pipeline import checkpoints
         from pipeline.models import prefers_channels_last
 
@@ -156,6 +156,7 @@ class _Labeler:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.s = settings
+        self.progress = progress  # a Ray queue the driver counts labelled rows from, or None
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if not len(x):
@@ -204,6 +205,11 @@ class _Labeler:
         if pair_columns:  # a validation row is its own partner, unmixed
             columns["partner"] = pa.array(pair_columns["partner"] + [all_paths[i] for i in val_at], type=pa.string())
             columns["lam"] = pa.array(np.concatenate([pair_columns["lam"], np.ones(nv, np.float32)]).astype(np.float32))
+        if self.progress is not None:
+            try:
+                self.progress.put_nowait(n * k + nv)
+            except Exception:  # a full or vanished queue costs the bar a step, never the labels
+                pass
         return pa.table(columns)
 
     def _render(self, images: torch.Tensor, idx: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -402,9 +408,7 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
         if in_process:
             _label_here(items, work, teacher, s, gpu)
         else:
-            import ray
-
-            ray.get(ray.remote(num_cpus=0, max_calls=1)(_label_job).remote(items, work, teacher, s, actors, cpus, gpu))
+            _run_label_job(items, work, teacher, s, actors, cpus, gpu)
         seconds = time.perf_counter() - t0
         written = storage.list_files(work, ".parquet")
         prefix = storage.resolve(work)[1].rstrip("/") + "/"
@@ -465,7 +469,30 @@ def _label_here(items: list[dict[str, Any]], work: str, teacher: str, s: dict[st
             pq.write_table(pa.concat_tables(parts), f"{root}/part-{i:05d}.parquet", filesystem=fs)
 
 
-def _label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool) -> None:
+def _run_label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float,
+                   gpu: bool) -> None:
+    """Run :func:`_label_job` and show its progress here: the actors count their rows into a queue
+    (the job runs in a task of its own, whose Ray Data progress bars this console does not see)."""
+    import ray
+    from ray.util.queue import Queue
+
+    from pipeline.console import CountProgress
+
+    queue = Queue(maxsize=100_000, actor_options={"num_cpus": 0})
+    progress = CountProgress("label", s["images"] * s["k"] + s["val_images"], "views")
+    try:
+        job = ray.remote(num_cpus=0, max_calls=1)(_label_job).remote(items, work, teacher, s, actors, cpus, gpu, queue)
+        while not ray.wait([job], timeout=0.5)[0]:
+            progress.advance(sum(queue.get_nowait_batch(queue.qsize())))
+        ray.get(job)  # the job's error, if it failed
+        progress.advance(sum(queue.get_nowait_batch(queue.qsize())))
+    finally:
+        progress.close()
+        ray.kill(queue.actor)
+
+
+def _label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool,
+               progress=None) -> None:
     """The Ray Data job, run as a task of its own (``max_calls=1``): its worker process exits when it
     ends, and the teacher actors it owns go with it. (Ray Data drops an actor pool by reference
     counting, and references can outlive the job in the process that ran it; actors left alive
@@ -478,7 +505,7 @@ def _label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str
     ds = ds.map_batches(read_files, batch_size=1, num_cpus=0.05, compute=ray.data.TaskPoolStrategy(size=max(1, actors)))
     # With mixup pairs each batch is one input's block (a chunk, never split), so partners are in it.
     labelled = ds.map_batches(_Labeler, fn_constructor_kwargs={"teacher": teacher, "settings": s, "threads": int(round(cpus)) or 1,
-                                                               "use_gpu": gpu},
+                                                               "use_gpu": gpu, "progress": progress},
                               batch_size=None if s["pairs"] else 32, batch_format="pyarrow",
                               compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=1 if gpu else 0)
     target_fs, target = storage.resolve(work)

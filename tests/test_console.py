@@ -117,3 +117,26 @@ def test_library_chatter_is_quiet_unless_verbose(verbose, monkeypatch):
     console.quiet_library_chatter()
     assert logging.getLogger(name).getEffectiveLevel() >= logging.WARNING or verbose
     assert (logging.getLogger(name).level == logging.NOTSET) == verbose
+
+
+def test_counted_progress_prints_a_line_per_quarter_when_not_a_terminal():
+    lines = io.StringIO()
+    progress = console.CountProgress("label", 100, "views", lines=lines, live=False)
+    for n in (10, 10, 10, 40, 29):  # 10, 20, 30, 70 (two quarters at once: one line), 99
+        progress.advance(n)
+    progress.advance(50)  # more than announced is capped at the total; the end is the stage's own line
+    progress.close()
+    printed = lines.getvalue().splitlines()
+    assert [line.split(",")[0] for line in printed] == ["label: 30/100 views (30 %)", "label: 70/100 views (70 %)",
+                                                        "label: 99/100 views (99 %)"]
+    assert all("ETA" in line for line in printed)
+    assert progress.done == 100
+
+
+def test_counted_progress_draws_a_bar_on_a_terminal(monkeypatch, capsys):
+    progress = console.CountProgress("label", 8, "views", live=True)
+    progress.advance(3)
+    progress.advance(5)
+    assert progress._bar.n == 8
+    progress.close()  # the bar clears itself: the stage's closing line follows
+    assert "label:" in capsys.readouterr().err

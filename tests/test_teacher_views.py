@@ -65,12 +65,29 @@ def test_render_views_integer_windows_are_exact_crops():
         assert torch.allclose(x[i], window.flip(-1) if flips[i] else window, atol=1e-6)
 
 
-def test_label_step_stores_what_the_teacher_says_on_each_view(shards, tmp_path):
+def test_label_step_stores_what_the_teacher_says_on_each_view(shards, tmp_path, monkeypatch):
+    from pipeline import console
+
+    counted = []
+
+    class Recorder:  # stands in for the console's progress display
+        def __init__(self, label, total, unit):
+            counted.append(total)
+
+        def advance(self, n):
+            counted.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(console, "CountProgress", Recorder)
     teacher = _save_teacher(tmp_path / "t")
     cfg = _cfg(shards, "distill.teacher_views=3", "distill.teacher_input_size=40")
     path = label_views(cfg, shards["dir"], teacher, "teacher-0", log=lambda *_: None)
     store = load_views(path)
     n = len(store.paths)
+    # the actors' row counts reach the driver's progress display: every view and validation image once
+    assert counted[0] == 3 * n + len(store.val_paths) == sum(counted[1:])
     assert store.logits.shape == (n, 3, CLASSES) and store.logits.dtype == torch.float16
     assert store.boxes.shape == (n, 3, 4)
     # views differ across k and across images

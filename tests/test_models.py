@@ -44,11 +44,6 @@ def _cfg(tmp_path, *overrides):
     return load_config(None, [f"output_dir={tmp_path}", *overrides])
 
 
-def test_replayed_views_are_refused_for_function_matching(tmp_path):
-    with pytest.raises(ConfigError, match="needs the online teacher"):
-        validate_stage(_cfg(tmp_path, "distill.method=funmatch", "distill.teacher_views=4"), "distill")
-
-
 def test_unknown_model_names_suggest_close_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"teacher.model: unknown timm model 'tf_efficientnet_lite9'.*did you mean"):
         validate_stage(_cfg(tmp_path, "teacher.model=tf_efficientnet_lite9"), "teacher")

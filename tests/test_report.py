@@ -28,9 +28,9 @@ DEIT = "deit_tiny_distilled_patch16_224"
 
 def _write_shards_without_ray(listing, cfg, target):
     """The preprocess stage's Ray Data job done in-process: the same UDF writes the same Parquet files."""
-    batch = {"path": np.array([it.path for it in listing.items], dtype=object),
-             "label": np.array([it.label for it in listing.items], dtype=np.int64),
-             "split": np.array([it.split for it in listing.items], dtype=object)}
+    records = prep.seeded_records(listing, cfg.data.seed)
+    batch = {key: np.array([r[key] for r in records], dtype=object) for key in ("path", "split")}
+    batch.update({key: np.array([r[key] for r in records], dtype=np.int64) for key in ("label", "position")})
     out = prep.decode_and_write(batch, cfg.data.image_size, cfg.data.resize_mode, target)
     counts = {s: {c: 0 for c in listing.class_names} for s in SPLITS}
     for label, split in zip(out["label"], out["split"]):

@@ -109,16 +109,22 @@ def shard_dir_for(cfg: PipelineConfig, listing: SourceListing) -> tuple[str, str
     return storage.join(cfg.output_dir, "shards", fp[:16]), fp
 
 
+def seeded_records(listing: SourceListing, seed: int) -> list[dict]:
+    """The listing's files in the seeded order the shards keep, each with its ``position`` in it."""
+    records = [{"path": it.path, "label": it.label, "split": it.split} for it in listing.items]
+    # Listings come class by class; in a seeded random order instead, every file and every
+    # contiguous range of rows (a training rank's part, see pipeline.data.loading) mixes the classes.
+    np.random.default_rng(seed).shuffle(records)
+    for position, record in enumerate(records):
+        record["position"] = position
+    return records
+
+
 def _write_shards(listing: SourceListing, cfg: PipelineConfig, target: str) -> tuple[list[dict], dict]:
     """Run the Ray Data job into ``target``; return the skipped files (with reasons) and per-split counts."""
     import ray
 
-    records = [{"path": it.path, "label": it.label, "split": it.split} for it in listing.items]
-    # Listings come class by class; in a seeded random order instead, every file and every
-    # contiguous range of rows (a training rank's part, see pipeline.data.loading) mixes the classes.
-    np.random.default_rng(cfg.data.seed).shuffle(records)
-    for position, record in enumerate(records):
-        record["position"] = position
+    records = seeded_records(listing, cfg.data.seed)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Batches small enough that every CPU of the cluster gets a few, never above rows_per_shard.
     per_batch = max(1, min(cfg.data.rows_per_shard, -(-len(records) // (cpus * 4))))

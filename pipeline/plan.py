@@ -138,6 +138,12 @@ def _tags(cfg: PipelineConfig, kind: StageKind, role: str, arch: str) -> dict[st
     return tags
 
 
+# The distill keys only a teacher in the loss reads (the teacher's identity, when the student starts from its
+# weights, enters the fingerprint through its checkpoint id instead).
+TEACHER_ONLY_KEYS = ("alpha", "temperature", "teacher", "teacher_views", "teacher_topk", "teacher_input_size", "teaching",
+                     "kl_t2_scale", "mixup_fold", "mixup_partner")
+
+
 def plan_stage(cfg: PipelineConfig, stage: str, shard_dir: str) -> StagePlan:
     """Validate ``stage`` against ``cfg`` (everything checkable before workers start) and decide it."""
     kind = stage_kind(cfg, stage)
@@ -147,11 +153,13 @@ def plan_stage(cfg: PipelineConfig, stage: str, shard_dir: str) -> StagePlan:
     section = cfg.teacher if kind is StageKind.TEACHER else cfg.distill
     # Where the cluster is, whether its storage is shared and where the workers go do not change what is trained.
     scaling = {k: v for k, v in to_dict(cfg.ray).items() if k not in ("address", "shared_storage", "capacity_wait_s", "placement_strategy")}
-    # Whether `run` adds a baseline does not change this stage's own model.
-    own = {k: v for k, v in to_dict(section).items() if k != "baseline"}
+    in_loss = kind is StageKind.FUNMATCH or (kind is StageKind.DEIT and cfg.distill.type != "none")
+    # Whether `run` adds a baseline does not change this stage's own model, nor, in a student trained
+    # without a teacher, what the teacher's settings say: such a baseline is reused across them.
+    ignored = {"baseline"} | (set() if in_loss or kind is StageKind.TEACHER else set(TEACHER_ONLY_KEYS))
+    own = {k: v for k, v in to_dict(section).items() if k not in ignored}
     fp = fingerprint(stage, own, to_dict(cfg.train), shard_dir, scaling, model_id(teacher))
     suffix = "teacher" if kind is StageKind.TEACHER else "student"
-    in_loss = kind is StageKind.FUNMATCH or (kind is StageKind.DEIT and cfg.distill.type != "none")
     return StagePlan(stage=stage, kind=kind, role=role, arch=arch, shard_dir=shard_dir, output_dir=stage_output_dir(cfg, stage),
                      fingerprint=fp, teacher=teacher, teacher_in_loss=in_loss,
                      init_from_teacher=kind is not StageKind.TEACHER and cfg.distill.student_pretrained == "teacher",

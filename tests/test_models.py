@@ -65,3 +65,14 @@ def test_package_weights_only_for_lite_models(tmp_path):
         validate_stage(_cfg(tmp_path, "teacher.model=resnet18"), "teacher")
     with pytest.raises(ConfigError, match="not package, hub, none or an existing weights file"):
         validate_stage(_cfg(tmp_path, "teacher.model=resnet18", f"teacher.pretrained={tmp_path / 'w.pt'}"), "teacher")
+
+
+def test_a_student_without_a_teacher_ignores_the_teachers_settings(tmp_path):
+    """`run`'s baseline, or a quality protocol's, is reused across temperatures, alphas and view counts."""
+    def fp(*overrides):
+        return plan_stage(_cfg(tmp_path, "distill.type=none", *overrides), "distill", "shards").fingerprint
+
+    base = fp()
+    assert fp("distill.temperature=4", "distill.alpha=0.9", "distill.teacher_views=8", "distill.teacher_input_size=48",
+              f"distill.teacher={tmp_path / 'elsewhere'}") == base
+    assert fp("distill.lr=0.01") != base and fp("distill.epochs=3") != base

@@ -16,7 +16,9 @@ On the real tf_flowers photos with the default split (2,810 train / 309 val), fr
 5. the report stage measures every model (val top-1, params, CPU latency, agreement with the
    teacher) and logs it to MLflow; this script adds the 95 % interval and the training time, prints
    the table and writes ``DIR/quality.md`` and ``DIR/quality.json`` (one entry per trained model:
-   role, arch, distilled, pretrained, val_top1, model = its published checkpoint directory).
+   role, arch, distilled, pretrained, val_top1, model = its published checkpoint directory; each
+   distilled entry also has ``paired_vs_alone``: the val images only it, or only its baseline, got
+   right, and the exact McNemar p-value of that split).
 
 Every stage is cached by its fingerprint: a rerun with the same settings only re-measures. Overrides
 (``key=value``) apply to every run, after the per-student settings below.
@@ -74,6 +76,27 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar p-value: how likely a split of the discordant images at least this
+    lopsided is when both models are equally good (each discordant image a fair coin)."""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(first: dict, second: dict) -> dict | None:
+    """Two models on the same val images: how many each got right where the other did not, and the
+    McNemar p-value; None when their val images differ."""
+    if first["paths"] != second["paths"]:
+        return None
+    a, b = first["correct"], second["correct"]
+    only_first, only_second = int((a & ~b).sum()), int((~a & b).sum())
+    return {"only_distilled_right": only_first, "only_alone_right": only_second,
+            "p_value": mcnemar_p(only_first, only_second)}
 
 
 def _train_seconds(result: dict) -> float:
@@ -136,6 +159,11 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
             "epochs": len(result.get("history", [])), "params_m": row.get("params_m"), "latency_ms": row.get("latency_ms"),
             "model": result["best_checkpoint"], "mlflow_run_id": result["mlflow"]["run_id"],
         })
+    per_image = report.get("per_image", {})
+    for e in entries:
+        alone = e["role"].replace("-distilled", "-alone")
+        if e["distilled"] and e["role"] in per_image and alone in per_image:
+            e["paired_vs_alone"] = paired(per_image[e["role"]], per_image[alone])
     return {"entries": entries, "label_s": label_s, "report": report}
 
 
@@ -165,12 +193,16 @@ def markdown(result: dict) -> str:
     for e in result["entries"]:
         if e["distilled"] and e["role"].replace("-distilled", "-alone") in by_role:
             alone = by_role[e["role"].replace("-distilled", "-alone")]
-            gains.append(f"- {e['role']}: {100 * (e['val_top1'] - alone['val_top1']):+.1f} points over {alone['role']}")
+            pair = e.get("paired_vs_alone")
+            evidence = (f" (right only when distilled: {pair['only_distilled_right']} images, only alone: "
+                        f"{pair['only_alone_right']}; exact McNemar p = {pair['p_value']:.3g})" if pair else "")
+            gains.append(f"- {e['role']}: {100 * (e['val_top1'] - alone['val_top1']):+.1f} points over {alone['role']}{evidence}")
     text = "\n".join(lines) + "\n"
     if result.get("label_s") is not None:
         text += f"\nLabel step (teacher views, shared by every distilled student): {result['label_s']:.0f} s to build.\n"
     if gains:
-        text += "\nDistillation gain (val top-1):\n" + "\n".join(gains) + "\n"
+        text += ("\nDistillation gain (val top-1; a p-value under 0.05 says the two differ beyond chance on these "
+                 "images):\n" + "\n".join(gains) + "\n")
     return text
 
 

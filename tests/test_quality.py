@@ -28,6 +28,18 @@ def test_wilson_interval_brackets_the_proportion():
     assert q.wilson_interval(0, 10)[0] == 0.0 and q.wilson_interval(10, 10)[1] == 1.0
 
 
+def test_mcnemar_counts_only_the_images_the_two_models_disagree_on():
+    q = _quality_module()
+    assert q.mcnemar_p(0, 0) == 1.0 and q.mcnemar_p(5, 5) == 1.0
+    assert q.mcnemar_p(10, 0) == pytest.approx(2 / 1024) and q.mcnemar_p(0, 10) == q.mcnemar_p(10, 0)
+    assert q.mcnemar_p(12, 8) == pytest.approx(0.5034, abs=1e-4)  # +4 images of 20 discordant: chance
+    assert q.mcnemar_p(30, 12) < 0.01
+    right = {"paths": ["a", "b", "c", "d"], "correct": torch.tensor([True, True, False, False])}
+    other = {"paths": ["a", "b", "c", "d"], "correct": torch.tensor([True, False, True, True])}
+    assert q.paired(right, other) == {"only_distilled_right": 1, "only_alone_right": 2, "p_value": 1.0}
+    assert q.paired(right, {**other, "paths": ["a", "b", "c", "e"]}) is None
+
+
 def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -59,7 +71,14 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
         assert stage["metrics"]["val_top1"] == pytest.approx(best["val_top1"], abs=1e-6)
     assert entries[0]["arch"] == "tf_efficientnet_lite0" and entries[1]["arch"] == "resnet10t"
     assert entries[2]["val_agreement"] is not None and entries[0]["val_agreement"] is None
-    assert "points over resnet10t-alone" in (out / "quality.md").read_text()
+    assert "points over resnet10t-alone (right only when distilled:" in (out / "quality.md").read_text()
+    # the paired counts are the two accuracies' difference, image by image
+    for distilled, alone in ((entries[2], entries[1]), (entries[4], entries[3])):
+        pair = distilled["paired_vs_alone"]
+        net = pair["only_distilled_right"] - pair["only_alone_right"]
+        assert net / distilled["val_count"] == pytest.approx(distilled["val_top1"] - alone["val_top1"], abs=1e-6)
+        assert 0.0 < pair["p_value"] <= 1.0
+    assert "paired_vs_alone" not in entries[1]
     assert "| lite0_scratch-distilled | tf_efficientnet_lite0 | teacher weights | yes |" in (out / "quality.md").read_text()
     # MLflow: one run per model, named by what it is (the students by their distill.name); the
     # distilled one says which views it replayed

@@ -118,7 +118,7 @@ def build_report(tracking_uri: str, experiment: str, output_dir: str, log_to_mlf
         raise ReportError(f"experiment {experiment!r} at {tracking_uri} holds no FINISHED teacher/distill run with a role tag"
                           f"{older}; {_what_to_run_first(experiment, tracking_uri)}")
 
-    rows, skipped, splits, teacher = [], [], _Splits(), None
+    rows, skipped, splits, teacher, per_image = [], [], _Splits(), None, {}
     # Other processes' load is what makes latencies noisy: recorded so a reader can judge them.
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with torch_threads(threads):
@@ -134,6 +134,7 @@ def build_report(tracking_uri: str, experiment: str, output_dir: str, log_to_mlf
             if role == "teacher":
                 teacher = preds
             rows.append(row)
+            per_image[role] = preds
     if not rows:
         raise ReportError("no model of experiment {!r} could be measured: {}".format(
             experiment, "; ".join(f"{s['role']}: {s['reason']}" for s in skipped)))
@@ -164,8 +165,10 @@ def build_report(tracking_uri: str, experiment: str, output_dir: str, log_to_mlf
             files = [at["markdown"], at["csv"], at["json"], *at["plots"]]
             run_id = log_report_run(tracking_uri, experiment_id, rows, settings, files, rewrite_json)
     paths = {k: [storage.join(report_dir, n) for n in v] if isinstance(v, list) else storage.join(report_dir, v) for k, v in names.items()}
+    # per_image stays in memory (not in report.json): each role's val paths, predictions and hits.
     return {"stage": "report", "rows": rows, "skipped": skipped, "settings": settings, "report_dir": report_dir,
-            "files": paths, "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_id": run_id}}
+            "files": paths, "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "run_id": run_id},
+            "per_image": per_image}
 
 
 # ---------------------------------------------------------------- command line

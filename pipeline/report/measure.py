@@ -160,7 +160,8 @@ def _agreement(pred: torch.Tensor, paths: list[str], teacher: dict[str, Any] | N
 
 def measure_run(run, role: str, uri: str, splits: _Splits, teacher: dict[str, Any] | None, latency_runs: int,
                 throughput_runs: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One report row, and (paths, predictions) for agreement with later rows."""
+    """One report row, and the model's per-image results on val (paths, predictions, whether each is
+    right) for agreement with later rows and paired comparisons."""
     from pipeline.evaluate import evaluate_model
     from pipeline.models import count_parameters
 
@@ -198,5 +199,5 @@ def measure_run(run, role: str, uri: str, splits: _Splits, teacher: dict[str, An
     for head in ("top1_cls", "top1_dist"):
         if head in accuracy:
             row[f"val_{head}"] = accuracy[head]
-    return row, {"paths": val.paths, "pred": pred}
+    return row, {"paths": val.paths, "pred": pred, "correct": pred == val.labels}
 

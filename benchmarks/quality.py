@@ -81,11 +81,10 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 def mcnemar_p(only_first: int, only_second: int) -> float:
     """Exact two-sided McNemar p-value: how likely a split of the discordant images at least this
     lopsided is when both models are equally good (each discordant image a fair coin)."""
+    from scipy.stats import binomtest
+
     n = only_first + only_second
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    return 1.0 if n == 0 else float(binomtest(only_first, n, 0.5).pvalue)
 
 
 def paired(first: dict, second: dict) -> dict | None:
@@ -159,7 +158,7 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
             "epochs": len(result.get("history", [])), "params_m": row.get("params_m"), "latency_ms": row.get("latency_ms"),
             "model": result["best_checkpoint"], "mlflow_run_id": result["mlflow"]["run_id"],
         })
-    per_image = report.get("per_image", {})
+    per_image = report["per_image"]
     for e in entries:
         alone = e["role"].replace("-distilled", "-alone")
         if e["distilled"] and e["role"] in per_image and alone in per_image:

@@ -476,12 +476,13 @@ def _run_label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict
     import ray
     from ray.util.queue import Queue
 
-    from pipeline.console import CountProgress
+    from pipeline.console import CountProgress, verbose
 
     queue = Queue(maxsize=100_000, actor_options={"num_cpus": 0})
     progress = CountProgress("label", s["images"] * s["k"] + s["val_images"], "views")
     try:
-        job = ray.remote(num_cpus=0, max_calls=1)(_label_job).remote(items, work, teacher, s, actors, cpus, gpu, queue)
+        job = ray.remote(num_cpus=0, max_calls=1)(_label_job).remote(items, work, teacher, s, actors, cpus, gpu, queue,
+                                                                             verbose())
         while not ray.wait([job], timeout=0.5)[0]:
             progress.advance(sum(queue.get_nowait_batch(queue.qsize())))
         ray.get(job)  # the job's error, if it failed
@@ -492,13 +493,16 @@ def _run_label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict
 
 
 def _label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float, gpu: bool,
-               progress=None) -> None:
+               progress=None, show_bars: bool = False) -> None:
     """The Ray Data job, run as a task of its own (``max_calls=1``): its worker process exits when it
     ends, and the teacher actors it owns go with it. (Ray Data drops an actor pool by reference
     counting, and references can outlive the job in the process that ran it; actors left alive
     would hold the CPUs the student's workers need next.)"""
     import ray
 
+    # Ray Data's bars, drawn in this task's process, reach no console unless the driver forwards
+    # workers' output (--verbose): drawn anyway, they would spend CPU the teacher actors need.
+    ray.data.DataContext.get_current().enable_progress_bars = show_bars
     # Every task gets a sliver of a CPU: the actors hold the rest, and Ray Data's own
     # read_parquet starts with a file-listing task that asks for a whole CPU (it would wait forever).
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))

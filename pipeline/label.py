@@ -428,8 +428,12 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
         if local:
             shutil.rmtree(work, ignore_errors=True)
         raise
-    rate = manifest["views"] / max(seconds, 1e-9)
-    log(f"label: {manifest['views']} views labelled in {seconds:.0f} s ({rate:.1f} views/s); {path}")
+    # The rate counts every input the teacher saw: the training views and one per validation image,
+    # the same total the progress bar counts.
+    labelled = manifest["views"] + manifest["val_images"]
+    rate = labelled / max(seconds, 1e-9)
+    log(f"label: {labelled} views labelled ({manifest['views']} training, {manifest['val_images']} validation) "
+        f"in {seconds:.0f} s ({rate:.1f} views/s); {path}")
     if tracker is not None:
         _track(tracker, cfg, manifest, path, rate)
     return path
@@ -501,7 +505,7 @@ def _label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str
     import ray
 
     # Ray Data's bars, drawn in this task's process, reach no console unless the driver forwards
-    # workers' output (--verbose): drawn anyway, they would spend CPU the teacher actors need.
+    # workers' output (--verbose), and the driver shows its own bar: no need to draw them here.
     ray.data.DataContext.get_current().enable_progress_bars = show_bars
     # Every task gets a sliver of a CPU: the actors hold the rest, and Ray Data's own
     # read_parquet starts with a file-listing task that asks for a whole CPU (it would wait forever).

@@ -79,6 +79,7 @@ class _Fitted:
     run_id: str | None
     run_dir: str
     started: float  # time.time() when the stage began
+    label_seconds: float | None = None  # of that, the time the label step took (built or reused), when it replays views
 
 
 def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force: bool = False, log=print,
@@ -135,7 +136,9 @@ def _fit(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, force: bool, lo
         storage.delete_dir(run_dir)
     init_ray(cfg.ray, cfg.output_dir)
     check_capacity(cfg.ray)  # a request the cluster can never place fails now, before labelling, an MLflow run or an endless wait
+    inputs_started = time.time()
     plan = plan.with_teacher_inputs(_teacher_inputs(cfg, plan, force, log, tracker))
+    label_seconds = time.time() - inputs_started if plan.teacher_inputs and cfg.distill.teacher_views else None
     if plan.teacher_inputs and cfg.distill.teacher_views:
         extra_tags = {**extra_tags, "teacher_views_key": storage.resolve(plan.teacher_inputs)[1].rstrip("/").rsplit("/", 1)[-1]}
     id_file = storage.join(run_dir, "mlflow_run_id")
@@ -160,7 +163,7 @@ def _fit(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, force: bool, lo
     except BaseException as exc:
         tracker.end(run_id, end_status(exc))
         raise
-    return _Fitted(result, run_id, run_dir, started)
+    return _Fitted(result, run_id, run_dir, started, label_seconds)
 
 
 def _trainer(cfg: PipelineConfig, plan: StagePlan, results_dir: str, worker_extras: dict[str, Any], callbacks, reserved_cpu: float):
@@ -272,6 +275,8 @@ def _record(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, fitted: _Fit
     result = {
         "stage": plan.stage, "role": plan.role, "arch": plan.arch, "run_name": plan.run_name, "output": plan.output_dir, "ray_run": fitted.run_dir, "ray_run_name": plan.ray_run,
         "best_checkpoint": best_dir, "best_epoch": best_metrics.get("epoch"), "seconds": round(time.time() - fitted.started, 1),
+        # Part of "seconds": the label step, so that a summary can tell it from training (a store is built once, then shared).
+        "label_seconds": None if fitted.label_seconds is None else round(fitted.label_seconds, 1),
         # The published model's scores, under the names of the per-epoch series (val_top1, ...).
         "metrics": scores, "per_class": {split: e["per_class"] for split, e in evaluation.items()},
         "history": history,

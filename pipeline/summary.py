@@ -50,6 +50,9 @@ def training_row(result: dict[str, Any]) -> tuple[str, ...]:
     scores = result.get("metrics", {})
     seconds = result.get("seconds")
     status = "reused" if result.get("skipped") else (f"{seconds:.0f} s" if seconds is not None else "-")
+    if not result.get("skipped") and seconds is not None and result.get("label_seconds") is not None:
+        # a distilled student's time includes the label step, which later students reuse: say how much
+        status += f" ({result['label_seconds']:.0f} s label)"
     return (result.get("role", result["stage"]), result.get("arch", "-"), _fmt(scores.get("val_top1")), _fmt(scores.get("val_agreement")),
             status, result["best_checkpoint"])
 

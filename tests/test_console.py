@@ -87,6 +87,8 @@ def test_the_summary_names_each_model_its_accuracy_and_the_commands():
                        "shard_dir": "/o/shards/x"},
         "teacher": {"stage": "teacher", "role": "teacher", "arch": "tf_efficientnet_lite0", "metrics": {"val_top1": 0.95}, "seconds": 41.2, "best_checkpoint": "/o/teacher/best"},
         "distill": {"stage": "distill", "role": "deit-soft", "arch": "deit_tiny", "metrics": {"val_top1": 0.8125, "val_agreement": 0.9}, "skipped": True, "best_checkpoint": "/o/distill/deit-soft/best"},
+        "baseline": {"stage": "distill", "role": "baseline", "arch": "deit_tiny", "metrics": {"val_top1": 0.75}, "seconds": 46.4,
+                     "label_seconds": None, "best_checkpoint": "/o/distill/baseline/best"},
         "mlflow": {"tracking_uri": "sqlite:////o/mlflow.db", "experiment": "demo", "experiment_id": "3", "parent_run_id": "abc"},
     }
     buf = io.StringIO()
@@ -95,13 +97,23 @@ def test_the_summary_names_each_model_its_accuracy_and_the_commands():
     with contextlib.redirect_stdout(buf):
         summary.print_run_summary(results, SimpleNamespace(config="configs/demo.yaml", overrides=["output_dir=/o"]))
     lines = buf.getvalue().splitlines()
-    rows = {line.split()[0]: line.split() for line in lines[1:4]}
+    rows = {line.split()[0]: line.split() for line in lines[1:5]}
     assert rows["teacher"][1:5] == ["tf_efficientnet_lite0", "0.950", "-", "41"]
     assert rows["deit-soft"][1:5] == ["deit_tiny", "0.812", "0.900", "reused"]
-    assert "experiment 'demo', parent run abc" in lines[4]
+    assert rows["baseline"][1:6] == ["deit_tiny", "0.750", "-", "46", "s"]
+    assert "experiment 'demo', parent run abc" in lines[5]
     assert ("ui --backend-store-uri sqlite:////o/mlflow.db --port 5000, then open "
-            "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning") in lines[5]
-    assert lines[6].endswith("-m pipeline report --config configs/demo.yaml output_dir=/o")
+            "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning") in lines[6]
+    assert lines[7].endswith("-m pipeline report --config configs/demo.yaml output_dir=/o")
+
+
+def test_a_students_time_says_how_much_of_it_was_the_label_step():
+    row = summary.training_row({"stage": "distill", "role": "deit-soft", "arch": "deit_tiny", "metrics": {"val_top1": 0.7},
+                                "seconds": 77.2, "label_seconds": 24.4, "best_checkpoint": "/o/b"})
+    assert row[4] == "77 s (24 s label)"
+    reused = summary.training_row({"stage": "distill", "role": "deit-soft", "arch": "deit_tiny", "metrics": {}, "skipped": True,
+                                   "seconds": 77.2, "label_seconds": 24.4, "best_checkpoint": "/o/b"})
+    assert reused[4] == "reused"
 
 
 def test_a_remote_server_is_opened_directly():

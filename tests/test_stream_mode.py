@@ -103,3 +103,27 @@ def test_a_streamed_teacher_learns_and_resumes_after_a_killed_worker(small, tmp_
     assert steps == [1, 2, 3]  # an epoch run twice is logged once
     seen = wait_for_output(capfd, "[teacher] resuming after epoch")
     assert "[teacher] resuming after epoch" in seen, seen[-2000:]
+
+
+def test_the_stream_executor_pauses_only_when_nothing_runs(small, monkeypatch):
+    """Ray Data's scheduling loop does not wait when no task runs; the stream dataset's callback sleeps
+    then (and only then), so the loop stops spinning on the cores the training workers need."""
+    from types import SimpleNamespace
+
+    from pipeline.data import idle_tick
+
+    _, shard_dir = small
+    assert idle_tick.IdleTick in stream_dataset(shard_dir, "train").context.custom_execution_callback_classes
+    slept = []
+    monkeypatch.setattr(idle_tick.time, "sleep", slept.append)
+
+    def executor(*active):
+        # Ray's executor keeps a dict keyed by operator; iterating a list of operators reads the same
+        return SimpleNamespace(_topology=[SimpleNamespace(num_active_tasks=lambda n=n: n) for n in active])
+
+    tick = idle_tick.IdleTick()
+    tick.on_execution_step(executor(0, 2))  # a read in flight: the loop already blocks in ray.wait
+    assert slept == []
+    tick.on_execution_step(executor(0, 0))
+    tick.on_execution_step(SimpleNamespace())  # an executor that does not say: treated as idle
+    assert slept == [idle_tick.IDLE_TICK_S] * 2

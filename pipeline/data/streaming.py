@@ -71,6 +71,11 @@ def stream_dataset(shard_dir: str, split: str, readers: int = 2, show_progress: 
     ds = ds.map_batches(read_row_group, batch_size=1, num_cpus=READ_TASK_CPUS,
                         compute=ray.data.TaskPoolStrategy(size=max(1, readers)))
     ds.context.enable_progress_bars = show_progress
+    from pipeline.data.idle_tick import IdleTick
+
+    # Its executor would otherwise spin while the workers train (see pipeline.data.idle_tick).
+    if IdleTick not in ds.context.custom_execution_callback_classes:
+        ds.context.custom_execution_callback_classes = [*ds.context.custom_execution_callback_classes, IdleTick]
     return ds
 
 

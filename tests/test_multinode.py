@@ -35,10 +35,18 @@ def two_nodes(ray_cluster, ray_local, tmp_path_factory):
     ray = ray_local
     log = open(tmp_path_factory.mktemp("node2") / "ray-start.log", "w")
     low = free_port()
+    taken = set(range(low, low + 201))  # the workers' range: Ray refuses a component port inside it
+
+    def port() -> int:  # a free port outside the workers' range and distinct from the others
+        while (p := free_port()) in taken:
+            pass
+        taken.add(p)
+        return p
+
     cmd = [RAY, "start", f"--address={ray_cluster['address']}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-           f"--resources={json.dumps({SECOND: 1})}", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-           f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           f"--resources={json.dumps({SECOND: 1})}", f"--node-manager-port={port()}", f"--object-manager-port={port()}",
+           f"--metrics-export-port={port()}", f"--dashboard-agent-listen-port={port()}",
+           f"--dashboard-agent-grpc-port={port()}", f"--runtime-env-agent-port={port()}",
            f"--min-worker-port={low}", f"--max-worker-port={low + 200}", "--disable-usage-stats", "--block"]
     # --block: this process owns the node's raylet and workers, and takes them down when terminated.
     node = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -138,8 +138,9 @@ def _fit(cfg: PipelineConfig, plan: StagePlan, tracker: Tracker, force: bool, lo
     check_capacity(cfg.ray)  # a request the cluster can never place fails now, before labelling, an MLflow run or an endless wait
     inputs_started = time.time()
     plan = plan.with_teacher_inputs(_teacher_inputs(cfg, plan, force, log, tracker))
-    label_seconds = time.time() - inputs_started if plan.teacher_inputs and cfg.distill.teacher_views else None
-    if plan.teacher_inputs and cfg.distill.teacher_views:
+    replays_views = bool(plan.teacher_inputs and cfg.distill.teacher_views)
+    label_seconds = time.time() - inputs_started if replays_views else None
+    if replays_views:
         extra_tags = {**extra_tags, "teacher_views_key": storage.resolve(plan.teacher_inputs)[1].rstrip("/").rsplit("/", 1)[-1]}
     id_file = storage.join(run_dir, "mlflow_run_id")
     previous = storage.read_text(id_file).strip() if storage.is_file(id_file) else None

@@ -3,8 +3,8 @@
 Ray Data's streaming executor blocks in ``ray.wait`` (up to 0.1 s) while some task of its runs, but
 does not wait at all when none does. In stream mode that is most of an epoch: the row groups ahead
 are read, and the executor waits for the training workers to take them. The loop then spins,
-updating its metrics and budgets in a tight loop. Measured with py-spy on 2 vCPUs, the split
-coordinator that runs it took about half a core from the two training workers. Ray Data has no
+updating its metrics and budgets in a tight loop (py-spy on the split coordinator that runs it).
+Sampled with ps on 2 vCPUs, that coordinator took about half a core from the two training workers. Ray Data has no
 setting for this, so a callback of ours sleeps :data:`IDLE_TICK_S` after each step that found nothing
 running. A new read then starts at most that much later, far less than a block takes to read.
 

@@ -8,8 +8,9 @@ sweep trial and rerun gets the teacher's knowledge for the price of one inferenc
 (FKD, Shen & Xing 2022; SRe2L's relabelling). ``K = 1`` with centre crops is function matching's
 fixed teacher.
 
-Ray Data reads the shards and ``map_batches`` runs the frozen teacher in a fixed pool of actors:
-``ray.num_workers`` of them, each with one GPU (``num_gpus=1``) on a GPU cluster, on CPU otherwise. The store
+Ray Data hands the shards' row groups to a fixed pool of actors (``map_batches``) that read them,
+run the frozen teacher on their views and write the rows: ``ray.num_workers`` actors, each with one
+GPU (``num_gpus=1``) on a GPU cluster, on CPU otherwise. The store
 is a folder ``<shard_dir>/teacher_views/<key>/``: Parquet files with one row per image and view
 (``path``, ``view``, ``x1 y1 x2 y2``, ``flip``, the teacher's output; and for each validation
 image one row with ``view`` -1: the teacher's output on the student's evaluation input, so that a
@@ -389,9 +390,8 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
         raise DataError(f"the teacher knows {len(meta['class_names'])} classes, the shards {s['classes']}: label with a teacher trained on them")
     gpu = cfg.ray.use_gpu
     actors = cfg.ray.num_workers
-    # A CPU actor leaves a sliver of its worker's share to the Parquet reads and writes, so that
-    # reads, actors and writes together fit what training would take: a write task that waits for a
-    # whole CPU while the actors hold them all would wait forever.
+    # A CPU actor asks a sliver less than a training worker's share, a margin for anything Ray Data
+    # may schedule beside the actors (the job itself needs no CPU: the actors read and write).
     cpus = 1.0 if gpu else max(0.01, cfg.ray.cpus_per_worker - 0.1)
     items = _label_items(shard_dir, s["pairs"])
     local = not storage.is_uri(path)
@@ -440,37 +440,74 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
 
 
 def _label_items(shard_dir: str, pairs: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The label job's inputs: whole shard files; with mixup pairs, the training split as chunks of
-    rows inside each training worker's range (see :func:`pairing`)."""
+    """The label job's inputs: one per row group of each split (small enough that the actors share
+    the work evenly, and a row group is read whole); with mixup pairs, the training split as chunks
+    of rows inside each training worker's range (see :func:`pairing`)."""
     from pipeline.data.loading import rank_range, split_files
     from pipeline.data.row_groups import range_items, row_groups
 
-    def whole(split: str) -> list[dict[str, Any]]:
-        return [{"file": f, "split": split, "groups": "", "start": 0, "stop": 0} for f in split_files(shard_dir, split)]
+    fs, _ = storage.resolve(shard_dir)
+
+    def groups_of(split: str):
+        return row_groups(split_files(shard_dir, split), fs, not storage.is_uri(shard_dir))
+
+    def by_group(split: str) -> list[dict[str, Any]]:
+        groups = groups_of(split)
+        return range_items(groups, split, [(g.first_row, g.first_row + g.num_rows) for g in groups])
 
     if not pairs:
-        return whole("train") + whole("val")
-    fs, _ = storage.resolve(shard_dir)
-    groups = row_groups(split_files(shard_dir, "train"), fs, not storage.is_uri(shard_dir))
+        return by_group("train") + by_group("val")
+    groups = groups_of("train")
     total = sum(g.num_rows for g in groups)
     ranges = []
     for rank in range(pairs["world"]):
         start, stop = rank_range(total, rank, pairs["world"])
         ranges += [(a, min(a + pairs["chunk"], stop)) for a in range(start, stop, pairs["chunk"])]
-    return range_items(groups, "train", ranges) + whole("val")
+    return range_items(groups, "train", ranges) + by_group("val")
 
 
-def _label_here(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], gpu: bool, batch: int = 256) -> None:
+def label_item(labeler: "_Labeler", item: dict[str, Any], number: int, work: str, batch: int = 32) -> int:
+    """Read one input of the label job, label it ``batch`` images at a time (a mixup chunk whole, so
+    its images find their partners) and write it as ``part-<number>.parquet`` in ``work``; returns
+    the rows written. Named by the input, so a retried input overwrites its own file."""
+    table = read_files({key: [value] for key, value in item.items()})
+    step = table.num_rows if labeler.s["pairs"] else batch
+    parts = [labeler(table.slice(j, step)) for j in range(0, table.num_rows, step)]
+    if not parts:
+        return 0
+    out = pa.concat_tables(parts)
+    fs, root = storage.resolve(work)
+    pq.write_table(out, f"{root}/part-{number:05d}.parquet", filesystem=fs)
+    return out.num_rows
+
+
+def _label_here(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], gpu: bool) -> None:
     """The label job without Ray: the same teacher over the same inputs, one Parquet file per input."""
     labeler = _Labeler(teacher, s, torch.get_num_threads(), gpu)
     fs, root = storage.resolve(work)
     fs.create_dir(root, recursive=True)
-    for i, item in enumerate(items):
-        table = read_files({key: [value] for key, value in item.items()})
-        # a chunk (at most PAIR_CHUNK rows) stays in one batch, so its images find their partners
-        parts = [labeler(table.slice(j, batch)) for j in range(0, table.num_rows, batch)]
-        if parts:
-            pq.write_table(pa.concat_tables(parts), f"{root}/part-{i:05d}.parquet", filesystem=fs)
+    for number, item in enumerate(items):
+        label_item(labeler, item, number, work)
+
+
+class _LabelActor:
+    """A Ray Data actor of the label job: for each input it is given, reads it, labels it with the
+    teacher it holds and writes its rows (see :func:`label_item`); only a row count goes back.
+
+    Reading and writing here rather than in Ray Data's own read and write tasks: those tasks are
+    short, and on a node whose CPUs the actors hold, Ray started a fresh worker process for many of
+    them (about 2 s of CPU each for its imports): a fifth of the job's CPU besides the teacher's,
+    measured on 2 vCPUs. Here the images never pass through the object store either."""
+
+    def __init__(self, teacher: str, settings: dict[str, Any], threads: int, use_gpu: bool, work: str, progress=None):
+        self.labeler = _Labeler(teacher, settings, threads, use_gpu, progress)
+        self.work = work
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [k for k in batch if k != "number"]
+        rows = [label_item(self.labeler, {k: batch[k][i] for k in names}, int(batch["number"][i]), self.work)
+                for i in range(len(batch["number"]))]
+        return {"rows": np.asarray(rows, dtype=np.int64)}
 
 
 def _run_label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], actors: int, cpus: float,
@@ -506,18 +543,21 @@ def _label_job(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str
 
     # Ray Data's bars, drawn in this task's process, reach no console unless the driver forwards
     # workers' output (--verbose), and the driver shows its own bar: no need to draw them here.
-    ray.data.DataContext.get_current().enable_progress_bars = show_bars
-    # Every task gets a sliver of a CPU: the actors hold the rest, and Ray Data's own
-    # read_parquet starts with a file-listing task that asks for a whole CPU (it would wait forever).
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(read_files, batch_size=1, num_cpus=0.05, compute=ray.data.TaskPoolStrategy(size=max(1, actors)))
-    # With mixup pairs each batch is one input's block (a chunk, never split), so partners are in it.
-    labelled = ds.map_batches(_Labeler, fn_constructor_kwargs={"teacher": teacher, "settings": s, "threads": int(round(cpus)) or 1,
-                                                               "use_gpu": gpu, "progress": progress},
-                              batch_size=None if s["pairs"] else 32, batch_format="pyarrow",
-                              compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=1 if gpu else 0)
-    target_fs, target = storage.resolve(work)
-    labelled.write_parquet(target, filesystem=target_fs, ray_remote_args={"num_cpus": 0.05})
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = show_bars
+    from pipeline.data.idle_tick import QuietTick
+
+    # Between the actors' batches (seconds each) the executor would step ten times a second for
+    # nothing (see pipeline.data.idle_tick).
+    context.custom_execution_callback_classes = [*context.custom_execution_callback_classes, QuietTick]
+    fs, root = storage.resolve(work)
+    fs.create_dir(root, recursive=True)
+    ds = ray.data.from_items([{**item, "number": i} for i, item in enumerate(items)], override_num_blocks=max(1, len(items)))
+    rows = ds.map_batches(_LabelActor, fn_constructor_kwargs={"teacher": teacher, "settings": s, "threads": int(round(cpus)) or 1,
+                                                           "use_gpu": gpu, "work": work, "progress": progress},
+                          batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+                          num_cpus=cpus, num_gpus=1 if gpu else 0)
+    rows.materialize()
 
 
 def _track(tracker, cfg: PipelineConfig, manifest: dict[str, Any], path: str, rate: float) -> None:

@@ -127,3 +127,30 @@ def test_the_stream_executor_pauses_only_when_nothing_runs(small, monkeypatch):
     tick.on_execution_step(executor(0, 0))
     tick.on_execution_step(SimpleNamespace())  # an executor that does not say: treated as idle
     assert slept == [idle_tick.IDLE_TICK_S] * 2
+
+
+def test_the_label_jobs_executor_pauses_only_after_a_step_that_did_nothing(monkeypatch):
+    """The label job's tasks take seconds: a scheduling step that submitted nothing and got nothing
+    back is followed by a pause, any other step at once."""
+    from types import SimpleNamespace
+
+    from pipeline.data import idle_tick
+
+    slept = []
+    monkeypatch.setattr(idle_tick.time, "sleep", slept.append)
+
+    def executor(*done):
+        ops = [SimpleNamespace(metrics=SimpleNamespace(num_tasks_submitted=s, num_task_outputs_generated=o)) for s, o in done]
+        return SimpleNamespace(_topology=ops)
+
+    tick = idle_tick.QuietTick()
+    tick.on_execution_step(executor((1, 0), (0, 0)))  # the first step: nothing to compare with
+    tick.on_execution_step(executor((1, 1), (1, 0)))  # an output came back and a task went out
+    assert slept == []
+    tick.on_execution_step(executor((1, 1), (1, 0)))  # nothing happened since
+    assert slept == [idle_tick.QUIET_TICK_S]
+    tick.on_execution_step(executor((1, 1), (1, 1)))  # the actor answered: the next step comes at once
+    assert slept == [idle_tick.QUIET_TICK_S]
+    tick.on_execution_step(SimpleNamespace())  # an executor that does not say: never paused
+    tick.on_execution_step(SimpleNamespace())
+    assert slept == [idle_tick.QUIET_TICK_S]

@@ -47,7 +47,7 @@ def read_row_group(batch: dict[str, Any]) -> pa.Table:
 
 
 def read_files(batch: dict[str, Any]) -> pa.Table:
-    """Ray Data UDF (the label stage): a batch of items (a shard ``file`` and its ``split``) -> their
+    """The label stage's reader (in its actors): a batch of items (a shard ``file`` and its ``split``) -> their
     ``path``, ``image``, ``split`` and ``chunk`` columns. An item with ``groups`` (JSON rows
     ``[file, index, first_row, num_rows]``) reads only the rows ``[start, stop)`` of its split from
     those row groups, as one chunk numbered ``start`` (function matching pairs images within a chunk);

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -52,7 +53,7 @@ FULL_LOGITS_MAX_CLASSES = 128
 # Below every kept logit by far: a replayed top-k target puts (next to) no mass on the classes it
 # does not list, without the NaN an -inf target gives in a KL.
 TOPK_FILL_BELOW = 50.0
-# Rows per mixup chunk: small enough that a batch of the label job holds whole chunks, large
+# Rows per mixup chunk: small enough that the label job labels a chunk in one batch, large
 # enough that partners are varied (function matching pairs image i with i-1 of a shuffled batch).
 PAIR_CHUNK = 64
 REBUILD = "rebuild it with `python -m pipeline label --force` (or `run --force distill`)"
@@ -142,8 +143,8 @@ def _rows_of(column: pa.ChunkedArray, dtype, width: int | None) -> np.ndarray:
 
 
 class _Labeler:
-    """A Ray Data actor holding the frozen teacher: a batch of stored images in, their K views'
-    rows out (one per image and view)."""
+    """The frozen teacher of a label actor (or of the in-process path): a batch of stored images in,
+    their K views' rows out (one per image and view)."""
 
     def __init__(self, teacher: str, settings: dict[str, Any], threads: int, use_gpu: bool, progress=None):
         from pipeline import checkpoints
@@ -451,9 +452,9 @@ def _label_items(shard_dir: str, pairs: dict[str, Any] | None) -> list[dict[str,
     def groups_of(split: str):
         return row_groups(split_files(shard_dir, split), fs, not storage.is_uri(shard_dir))
 
-    def by_group(split: str) -> list[dict[str, Any]]:
-        groups = groups_of(split)
-        return range_items(groups, split, [(g.first_row, g.first_row + g.num_rows) for g in groups])
+    def by_group(split: str) -> list[dict[str, Any]]:  # range_items's search would be quadratic here
+        return [{"file": g.file, "split": split, "groups": json.dumps([[g.file, g.index, g.first_row, g.num_rows]]),
+                 "start": g.first_row, "stop": g.first_row + g.num_rows} for g in groups_of(split)]
 
     if not pairs:
         return by_group("train") + by_group("val")
@@ -471,7 +472,7 @@ def label_item(labeler: "_Labeler", item: dict[str, Any], number: int, work: str
     its images find their partners) and write it as ``part-<number>.parquet`` in ``work``; returns
     the rows written. Named by the input, so a retried input overwrites its own file."""
     table = read_files({key: [value] for key, value in item.items()})
-    step = table.num_rows if labeler.s["pairs"] else batch
+    step = table.num_rows if labeler.s["pairs"] and item["split"] == "train" else batch
     parts = [labeler(table.slice(j, step)) for j in range(0, table.num_rows, step)]
     if not parts:
         return 0
@@ -481,13 +482,14 @@ def label_item(labeler: "_Labeler", item: dict[str, Any], number: int, work: str
     return out.num_rows
 
 
-def _label_here(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], gpu: bool) -> None:
-    """The label job without Ray: the same teacher over the same inputs, one Parquet file per input."""
+def _label_here(items: list[dict[str, Any]], work: str, teacher: str, s: dict[str, Any], gpu: bool, batch: int = 256) -> None:
+    """The label job without Ray: the same teacher over the same inputs, one Parquet file per input
+    (in larger batches: no progress bar waits on them)."""
     labeler = _Labeler(teacher, s, torch.get_num_threads(), gpu)
     fs, root = storage.resolve(work)
     fs.create_dir(root, recursive=True)
     for number, item in enumerate(items):
-        label_item(labeler, item, number, work)
+        label_item(labeler, item, number, work, batch)
 
 
 class _LabelActor:

@@ -39,8 +39,8 @@ class IdleTick(ExecutionCallback):
             time.sleep(IDLE_TICK_S)
 
 
-# The label stage's teacher actors take seconds per batch, and each holds a few batches queued, so a
-# step that finds nothing new can wait this long without leaving an actor idle.
+# The label stage's teacher actors take seconds per input, and Ray Data queues the next input at
+# each actor, so a step that finds nothing new can wait this long without leaving an actor idle.
 QUIET_TICK_S = 0.25
 
 

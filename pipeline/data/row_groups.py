@@ -1,7 +1,8 @@
 """Row groups of the shards, and the Ray Data read functions that fetch them.
 
-Kept free of torch on purpose: Ray Data runs these functions in worker processes of their own, and
-a read worker that imported torch held ~390 MB instead of ~80 MB (measured with 50 read tasks).
+Kept free of torch on purpose: stream mode's Ray Data read tasks run :func:`read_row_group` in
+worker processes of their own, and a read worker that imported torch held ~390 MB instead of
+~80 MB (measured with 50 read tasks). The label stage's actors run :func:`read_files`.
 """
 
 from __future__ import annotations
@@ -47,22 +48,16 @@ def read_row_group(batch: dict[str, Any]) -> pa.Table:
 
 
 def read_files(batch: dict[str, Any]) -> pa.Table:
-    """The label stage's reader (in its actors): a batch of items (a shard ``file`` and its ``split``) -> their
-    ``path``, ``image``, ``split`` and ``chunk`` columns. An item with ``groups`` (JSON rows
-    ``[file, index, first_row, num_rows]``) reads only the rows ``[start, stop)`` of its split from
-    those row groups, as one chunk numbered ``start`` (function matching pairs images within a chunk);
-    a whole file is chunk -1."""
+    """The label stage's reader (run in its actors): a batch of items, each the rows ``[start, stop)``
+    of a ``split`` and the row groups holding them (``groups``: JSON rows ``[file, index, first_row,
+    num_rows]``) -> their ``path``, ``image``, ``split`` and ``chunk`` columns; ``chunk`` is ``start``
+    (function matching pairs images within a chunk)."""
     tables = []
-    splits = batch.get("split", ["train"] * len(batch["file"]))
-    specs = batch.get("groups", [""] * len(batch["file"]))
-    for i, (name, split, spec) in enumerate(zip(batch["file"], splits, specs)):
-        if spec:
-            table, chunk = _read_range(json.loads(str(spec)), int(batch["start"][i]), int(batch["stop"][i])), int(batch["start"][i])
-        else:
-            fs, inner = storage.resolve(str(name))
-            table, chunk = pq.read_table(inner, filesystem=fs, columns=["path", "image"]), -1
+    for i, split in enumerate(batch["split"]):
+        start = int(batch["start"][i])
+        table = _read_range(json.loads(str(batch["groups"][i])), start, int(batch["stop"][i]))
         table = table.append_column("split", pa.array([str(split)] * table.num_rows, type=pa.string()))
-        tables.append(table.append_column("chunk", pa.array(np.full(table.num_rows, chunk, dtype=np.int64))))
+        tables.append(table.append_column("chunk", pa.array(np.full(table.num_rows, start, dtype=np.int64))))
     return pa.concat_tables(tables)
 
 

@@ -74,10 +74,18 @@ def _read_range(groups: list[list[Any]], start: int, stop: int) -> pa.Table:
     return pa.concat_tables(pieces)
 
 
+def group_items(groups: list[RowGroup], split: str) -> list[dict[str, Any]]:
+    """:func:`read_files` items, one per row group of a split (what :func:`range_items` gives for
+    the groups' own ranges, without its search)."""
+    return [_item([g], split, g.first_row, g.first_row + g.num_rows) for g in groups]
+
+
+def _item(groups: list[RowGroup], split: str, start: int, stop: int) -> dict[str, Any]:
+    spec = [[g.file, g.index, g.first_row, g.num_rows] for g in groups]
+    return {"file": groups[0].file, "split": split, "groups": json.dumps(spec), "start": start, "stop": stop}
+
+
 def range_items(groups: list[RowGroup], split: str, ranges: list[tuple[int, int]]) -> list[dict[str, Any]]:
     """:func:`read_files` items for the row ranges ``ranges`` of a split whose row groups are ``groups``."""
-    items = []
-    for start, stop in ranges:
-        mine = [[g.file, g.index, g.first_row, g.num_rows] for g in groups if g.first_row < stop and g.first_row + g.num_rows > start]
-        items.append({"file": mine[0][0], "split": split, "groups": json.dumps(mine), "start": start, "stop": stop})
-    return items
+    return [_item([g for g in groups if g.first_row < stop and g.first_row + g.num_rows > start], split, start, stop)
+            for start, stop in ranges]

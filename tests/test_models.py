@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.models import build_student, build_teacher, has_distillation_head
+from pipeline.models import build_student, build_teacher, has_distillation_head, prefers_channels_last
 from pipeline.plan import plan_stage
 
 
@@ -32,6 +32,14 @@ def test_deit_student_returns_two_heads_in_training_and_their_average_in_eval():
 def test_cnn_student_records_no_img_size():
     model, meta = build_student("resnet10t", "none", num_classes=3, img_size=32, drop_path=0.0)
     assert "img_size" not in meta["create_kwargs"] and not has_distillation_head(model)
+
+
+def test_channels_last_is_picked_for_convolutional_networks_on_cpu_and_for_everything_on_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for name, cnn in (("resnet10t", True), ("tf_efficientnet_lite0", True), ("deit_tiny_distilled_patch16_224", False)):
+        model, _ = build_student(name, "none", num_classes=3, img_size=32, drop_path=0.0)
+        assert prefers_channels_last(model, cpu) is cnn, name
+        assert prefers_channels_last(model, gpu)
 
 
 def test_package_teacher_gets_new_head_and_its_normalisation():

@@ -116,15 +116,58 @@ def encode_outputs(logits: torch.Tensor, topk: int) -> dict[str, pa.Array]:
     return {"topk_index": _binary_rows(index.int().numpy()), "topk_logit": _binary_rows(values.half().numpy())}
 
 
-def decode_outputs(table: pa.Table, num_classes: int) -> torch.Tensor:
-    """The teacher logits (rows x C, fp16) back from :func:`encode_outputs`' columns; classes a
-    top-k row does not list get a logit far below its smallest."""
+def decode_outputs(table: pa.Table, num_classes: int) -> "torch.Tensor | TopkLogits":
+    """The teacher logits back from :func:`encode_outputs`' columns: dense fp16 (rows x C), or
+    :class:`TopkLogits`, which expands rows to that form only when they are indexed."""
     if "logits" in table.column_names:
         return torch.from_numpy(_rows_of(table["logits"], np.float16, num_classes))
-    index = torch.from_numpy(_rows_of(table["topk_index"], np.int32, None)).long()
-    values = torch.from_numpy(_rows_of(table["topk_logit"], np.float16, index.shape[1])).float()
-    out = (values.min(dim=1, keepdim=True).values - TOPK_FILL_BELOW).expand(-1, num_classes).clone()
-    return out.scatter_(1, index, values).half()
+    index = torch.from_numpy(_rows_of(table["topk_index"], np.int32, None))
+    values = torch.from_numpy(_rows_of(table["topk_logit"], np.float16, index.shape[1]))
+    return TopkLogits(values, index, num_classes)
+
+
+class TopkLogits:
+    """The teacher's top-k logits per row (fp16 values, int32 classes), kept compact in memory.
+
+    Indexing works on the leading dimensions as on a dense ``(..., C)`` tensor and stays compact;
+    ``float()`` / ``half()`` give the dense rows, the classes a row does not list far below its
+    smallest logit. Dense fp16 for ImageNet-1k at K = 10 would be about 26 GB in every worker;
+    compact (k = 10) it is about 0.8 GB, and only a batch's rows are ever expanded."""
+
+    dtype = torch.float16
+
+    def __init__(self, values: torch.Tensor, index: torch.Tensor, num_classes: int):
+        self.values, self.index, self.num_classes = values, index, num_classes
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.values.shape[:-1], self.num_classes))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, at) -> "TopkLogits":
+        return TopkLogits(self.values[at], self.index[at], self.num_classes)
+
+    def view(self, *shape: int) -> "TopkLogits":
+        lead, k = shape[:-1], self.values.shape[-1]
+        return TopkLogits(self.values.view(*lead, k), self.index.view(*lead, k), self.num_classes)
+
+    def to(self, device) -> "TopkLogits":
+        return TopkLogits(self.values.to(device), self.index.to(device), self.num_classes)
+
+    def float(self) -> torch.Tensor:
+        values = self.values.float()
+        fill = values.min(dim=-1, keepdim=True).values - TOPK_FILL_BELOW
+        dense = fill.expand(*values.shape[:-1], self.num_classes).clone()
+        return dense.scatter_(-1, self.index.long(), values)
+
+    def half(self) -> torch.Tensor:
+        return self.float().half()
 
 
 def _binary_rows(rows: np.ndarray) -> pa.Array:
@@ -244,23 +287,32 @@ def draw_pairs(chunks: np.ndarray, paths: list[str], k_views: int, seed: int, fo
 
 @dataclass
 class ViewStore:
-    """A complete view store in memory: per training image (``paths`` order) K boxes, flips and
-    the teacher's logits (fp16); per validation image (``val_paths`` order) the teacher's logits."""
+    """A view store in memory (all of it, or the rows of some training images): per training image
+    (``paths`` order) K boxes, flips and the teacher's logits (fp16, or :class:`TopkLogits`); per
+    validation image (``val_paths`` order) the teacher's logits."""
 
     paths: list[str]
     boxes: torch.Tensor  # N x K x 4
     flips: torch.Tensor  # N x K
-    logits: torch.Tensor  # N x K x C
+    logits: "torch.Tensor | TopkLogits"  # N x K x C
     manifest: dict[str, Any]
     val_paths: list[str]
-    val_logits: torch.Tensor  # M x C
+    val_logits: "torch.Tensor | TopkLogits"  # M x C
     # function matching: each view's mixup partner (N x K rows of ``paths``) and lambda (N x K)
     partners: torch.Tensor | None = None
     lams: torch.Tensor | None = None
 
 
-def load_views(path: str) -> ViewStore:
-    """Read and check a view store; a partial or damaged one is refused with what is wrong."""
+class PartnersElsewhere(ValueError):
+    """Function-matching views of a worker's images are mixed with images another worker holds."""
+
+
+def load_views(path: str, train_paths: list[str] | None = None) -> ViewStore:
+    """Read and check a view store; a partial or damaged one is refused with what is wrong.
+
+    ``train_paths``: read only the views of these training images (and every validation row), as a
+    training worker does for its own part, so that its memory follows its part and not the split.
+    Images the store lacks are left out (the caller says which it needed)."""
     manifest_path = storage.join(path, "manifest.json")
     if not storage.is_file(manifest_path):
         raise DataError(f"the teacher view store {path} is incomplete (no manifest.json: its build did not finish); {REBUILD}")
@@ -274,36 +326,62 @@ def load_views(path: str) -> ViewStore:
     missing = [f for f in manifest["files"] if not storage.is_file(storage.join(path, f))]
     if missing:
         raise DataError(f"the teacher view store {path} lacks {len(missing)} of its {len(files)} files ({missing[0]}, ...); {REBUILD}")
-    fs, _ = storage.resolve(path)
     try:
-        table = pq.ParquetDataset([storage.resolve(f)[1] for f in files], filesystem=fs).read()
-        if table.num_rows != n * k + n_val:
+        table = _read_rows(path, files, train_paths)
+        if train_paths is None and table.num_rows != n * k + n_val:
             raise DataError(f"holds {table.num_rows} rows, its manifest says {n} images x {k} views and {n_val} validation images")
         table = table.sort_by([("view", "ascending"), ("path", "ascending")])
         val, table = table.slice(0, n_val), table.slice(n_val)
-        if n_val and val["view"].to_numpy().max() != -1:
+        if n_val and (len(val) != n_val or val["view"].to_numpy().max() != -1):
             raise DataError("does not hold the teacher's output on every validation image")
         table = table.sort_by([("path", "ascending"), ("view", "ascending")])
         paths = table["path"].to_pylist()[::k]
-        if len(set(paths)) != n or table["view"].to_numpy().tolist() != list(range(k)) * n:
+        found = n if train_paths is None else len(paths)
+        if len(set(paths)) != found or table["view"].to_numpy().tolist() != list(range(k)) * found:
             raise DataError("does not hold exactly the K views of each image")
         boxes = torch.from_numpy(np.stack([table[c].to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)).float()
         flips = torch.from_numpy(table["flip"].to_numpy(zero_copy_only=False).astype(bool))
         logits = decode_outputs(table, classes)
         val_logits = decode_outputs(val, classes)
-        partners, lams = _pairs_of(table, paths, k) if "partner" in table.column_names else (None, None)
+        pairs = "partner" in table.column_names
+        wanted = None if train_paths is None else set(train_paths)
+        partners, lams = _pairs_of(table, paths, k, manifest, wanted) if pairs else (None, None)
     except (DataError, pa.ArrowException, OSError, KeyError) as exc:
         raise DataError(f"the teacher view store {path} is damaged ({exc}); {REBUILD}") from None
-    return ViewStore(paths, boxes.view(n, k, 4), flips.view(n, k), logits.view(n, k, classes), manifest,
+    return ViewStore(paths, boxes.view(found, k, 4), flips.view(found, k), logits.view(found, k, classes), manifest,
                      val["path"].to_pylist(), val_logits, partners, lams)
 
 
-def _pairs_of(table: pa.Table, paths: list[str], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_rows(path: str, files: list[str], train_paths: list[str] | None) -> pa.Table:
+    """The store's rows: all, or those of ``train_paths`` plus the validation rows. The filter is
+    applied batch by batch while reading, so a worker never holds the rows of other parts."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, _ = storage.resolve(path)
+    dataset = pads.dataset([storage.resolve(f)[1] for f in files], filesystem=fs, format="parquet")
+    if train_paths is None:
+        return dataset.to_table()
+    wanted = pc.field("path").isin(pa.array(train_paths, type=pa.string())) | (pc.field("view") == -1)
+    return dataset.to_table(filter=wanted)
+
+
+def _pairs_of(table: pa.Table, paths: list[str], k: int, manifest: dict[str, Any],
+              wanted: set[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each view's mixup partner as a row of ``paths``, and its lambda. ``wanted``: the images a
+    worker asked for; a partner outside them belongs to another worker's part."""
     row = {p: i for i, p in enumerate(paths)}
     named = table["partner"].to_pylist()
     unknown = [p for p in named if p not in row]
+    damaged = [p for p in unknown if wanted is None or p in wanted]
+    if damaged:
+        raise DataError(f"names mixup partners that are not among its images ({damaged[0]})")
     if unknown:
-        raise DataError(f"names mixup partners that are not among its images ({unknown[0]})")
+        world = (manifest.get("mixup_pairs") or {}).get("world", "?")
+        raise PartnersElsewhere(
+            f"the function-matching views mix {len(unknown)} of this worker's views with images another worker holds "
+            f"(e.g. {unknown[0]}): they were paired for {world} training worker(s) in memory mode; train with that "
+            "ray.num_workers and train.data=memory, or relabel")
     partners = torch.tensor([row[p] for p in named], dtype=torch.long).view(len(paths), k)
     return partners, torch.from_numpy(table["lam"].to_numpy().astype(np.float32)).view(len(paths), k)
 

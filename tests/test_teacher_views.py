@@ -262,6 +262,26 @@ def test_top_k_outputs_keep_the_teachers_leading_classes():
     assert torch.allclose(torch.softmax(back, dim=1).gather(1, top.indices), renormalised, atol=3e-3)  # fp16 logits
 
 
+def test_top_k_outputs_stay_compact_until_a_batch_indexes_them():
+    from pipeline.label import TopkLogits, decode_outputs, encode_outputs
+    import pyarrow as pa
+
+    classes, k_views = 1000, 3
+    logits = torch.randn(4 * k_views, classes) * 3
+    store = decode_outputs(pa.table(encode_outputs(logits, topk=10)), classes).view(4, k_views, classes)
+    assert isinstance(store, TopkLogits) and store.shape == (4, k_views, classes)
+    assert store.values.numel() == 4 * k_views * 10  # never N x K x C in memory
+    dense = logits.view(4, k_views, classes)
+    rows = torch.tensor([2, 0])
+    batch = store[rows][:, 1].float()  # what a replaying step takes: view 1 of two images
+    assert batch.shape == (2, classes)
+    top = torch.topk(dense[rows, 1], 10, dim=1)
+    assert torch.allclose(batch.gather(1, top.indices), top.values, atol=2e-2)
+    assert (batch.max(dim=1).values - batch.min(dim=1).values > 40).all()  # unlisted classes far below
+    none = decode_outputs(pa.table(encode_outputs(logits[:0], topk=10)), classes).view(0, k_views, classes)
+    assert none.shape == (0, k_views, classes)  # a worker with no rows of its own
+
+
 def test_a_partial_or_damaged_store_is_refused_then_rebuilt_by_force(shards, tmp_path):
     from pipeline.data.sources import DataError
 
@@ -306,6 +326,10 @@ def test_workers_parts_of_the_store_cover_the_training_split_once(shards, tmp_pa
         views.bind(part.paths, torch.device("cpu"))
         rows = torch.tensor([store.paths.index(p) for p in part.paths])
         assert torch.equal(views.part[0], store.boxes[rows]) and torch.equal(views.part[2], store.logits[rows])
+        # a worker reads only its own images' rows (and every validation row)
+        own = load_views(path, part.paths)
+        assert sorted(own.paths) == sorted(part.paths) and len(own.paths) < len(store.paths)
+        assert own.val_paths == store.val_paths and torch.equal(own.val_logits, store.val_logits)
         covered += part.paths
     assert sorted(covered) == store.paths
 

@@ -215,42 +215,47 @@ def build_stage_student(cfg: PipelineConfig, plan: StagePlan, num_classes: int, 
 
 class TeacherViews:
     """Recorded views (crop box and flip per image and view) with the teacher's logits on each,
-    written by :mod:`pipeline.label`; a worker keeps the rows of its own part."""
+    written by :mod:`pipeline.label`; a worker reads and keeps only the rows of its own part."""
 
     def __init__(self, path: str):
+        from pipeline import storage
         from pipeline.label import load_views
 
-        store = load_views(path)
-        self.paths: list[str] = store.paths
-        self.boxes, self.flips, self.logits = store.boxes, store.flips, store.logits
-        self.val_paths, self.val_logits = store.val_paths, store.val_logits
-        self.partners, self.lams = store.partners, store.lams
-        self.pairs = store.manifest.get("mixup_pairs")
-        self.num_views = int(self.boxes.shape[1])
-        self.part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.path = path
+        try:
+            manifest = storage.read_json(storage.join(path, "manifest.json"))
+            self.pairs = manifest.get("mixup_pairs")
+            self.num_views, self.num_classes = int(manifest["num_views"]), int(manifest["num_classes"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            load_views(path, [])  # raises the store's own error, saying what is wrong and how to rebuild
+            raise
+        self.val_paths: list[str] | None = None
+        self.val_logits = None
+        self.part: tuple[torch.Tensor, torch.Tensor, Any] | None = None
         self.part_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.val_part: torch.Tensor | None = None
+        self.val_part = None
+
+    def _load(self, train_paths: list[str]):
+        from pipeline.label import load_views
+
+        store = load_views(self.path, train_paths)
+        self.val_paths, self.val_logits = store.val_paths, store.val_logits
+        return store
 
     def bind(self, paths: list[str], device: torch.device) -> None:
-        row = {p: i for i, p in enumerate(self.paths)}
+        store = self._load(paths)
+        row = {p: i for i, p in enumerate(store.paths)}
         missing = [p for p in paths if p not in row]
         if missing:
             raise ValueError(f"the teacher views lack {len(missing)} training images (e.g. {missing[0]}); rebuild them with --force")
         rows = torch.tensor([row[p] for p in paths], dtype=torch.long)
-        self.part = (self.boxes[rows].to(device), self.flips[rows].to(device), self.logits[rows].to(device))
-        if self.partners is not None:
-            self.part_pairs = (self._partner_rows(rows, paths).to(device), self.lams[rows].to(device))
-
-    def _partner_rows(self, rows: torch.Tensor, paths: list[str]) -> torch.Tensor:
-        """Each bound row's mixup partner per view, as a position in this worker's part."""
-        at = {row: i for i, row in enumerate(rows.tolist())}
-        partners = self.partners[rows]
-        outside = [int(r) for r in partners.reshape(-1).tolist() if int(r) not in at]
-        if outside:
-            raise ValueError(f"the function-matching views mix {len(outside)} of this worker's views with images another worker "
-                             f"holds (e.g. {self.paths[outside[0]]}): they were paired for {self.pairs['world']} training "
-                             "worker(s) in memory mode; train with that ray.num_workers and train.data=memory, or relabel")
-        return partners.apply_(lambda r: at[r])
+        self.part = (store.boxes[rows].to(device), store.flips[rows].to(device), store.logits[rows].to(device))
+        if store.partners is not None:
+            # each bound row's partner per view, as a position in this worker's part (the store
+            # read only this part's images, so every partner is among them)
+            at = torch.empty(len(store.paths), dtype=torch.long)
+            at[rows] = torch.arange(len(rows))
+            self.part_pairs = (at[store.partners[rows]].to(device), store.lams[rows].to(device))
 
     def pair(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """View ``k``'s mixup partners (positions in the bound part) and lambdas of the bound rows ``idx``."""
@@ -259,6 +264,8 @@ class TeacherViews:
         return partners[at, k].to(idx.device), lams[at, k].to(idx.device)
 
     def bind_val(self, paths: list[str], device: torch.device) -> None:
+        if self.val_paths is None:
+            self._load([])
         row = {p: i for i, p in enumerate(self.val_paths)}
         missing = [p for p in paths if p not in row]
         if missing:
@@ -269,7 +276,7 @@ class TeacherViews:
         """The teacher's logits on the bound validation rows (zeros for the blank image a rank
         without validation rows evaluates, so that every rank reports the same metrics)."""
         if self.val_part is None or not len(self.val_part):
-            return torch.zeros((len(rows), self.logits.shape[-1]))
+            return torch.zeros((len(rows), self.num_classes))
         return self.val_part[rows.to(self.val_part.device)].float()
 
     def view(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -323,7 +323,10 @@ def load_views(path: str, train_paths: list[str] | None = None) -> ViewStore:
         n_val = int(manifest["val_images"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"the teacher view store {path} has an unreadable manifest.json ({exc}); {REBUILD}") from None
-    missing = [f for f in manifest["files"] if not storage.is_file(storage.join(path, f))]
+    # one listing, not one existence check per file (each a request on an object store)
+    prefix = storage.resolve(path)[1].rstrip("/") + "/"
+    present = {storage.resolve(f)[1][len(prefix):] for f in storage.list_files(path, ".parquet")}
+    missing = [f for f in manifest["files"] if f not in present]
     if missing:
         raise DataError(f"the teacher view store {path} lacks {len(missing)} of its {len(files)} files ({missing[0]}, ...); {REBUILD}")
     try:

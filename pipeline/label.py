@@ -356,8 +356,9 @@ def load_views(path: str, train_paths: list[str] | None = None) -> ViewStore:
 
 
 def _read_rows(path: str, files: list[str], train_paths: list[str] | None) -> pa.Table:
-    """The store's rows: all, or those of ``train_paths`` plus the validation rows. The filter is
-    applied batch by batch while reading, so a worker never holds the rows of other parts."""
+    """The store's rows: all, or those of ``train_paths`` plus the validation rows. The scanner
+    applies the filter to each record batch as it reads, so other parts' rows are held only a batch
+    at a time (every file is still read)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 

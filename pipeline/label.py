@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
 import os
 import shutil
 import time
@@ -307,12 +308,14 @@ class PartnersElsewhere(ValueError):
     """Function-matching views of a worker's images are mixed with images another worker holds."""
 
 
-def load_views(path: str, train_paths: list[str] | None = None) -> ViewStore:
+def load_views(path: str, train_paths: list[str] | None = None, train_rows: tuple[int, int] | None = None) -> ViewStore:
     """Read and check a view store; a partial or damaged one is refused with what is wrong.
 
     ``train_paths``: read only the views of these training images (and every validation row), as a
     training worker does for its own part, so that its memory follows its part and not the split.
-    Images the store lacks are left out (the caller says which it needed)."""
+    Images the store lacks are left out (the caller says which it needed). ``train_rows``: where
+    those images lie in the training split (``[start, stop)``, storage order), so that only the
+    files holding those rows and the validation rows are read (see :func:`files_for_rows`)."""
     manifest_path = storage.join(path, "manifest.json")
     if not storage.is_file(manifest_path):
         raise DataError(f"the teacher view store {path} is incomplete (no manifest.json: its build did not finish); {REBUILD}")
@@ -329,6 +332,8 @@ def load_views(path: str, train_paths: list[str] | None = None) -> ViewStore:
     missing = [f for f in manifest["files"] if f not in present]
     if missing:
         raise DataError(f"the teacher view store {path} lacks {len(missing)} of its {len(files)} files ({missing[0]}, ...); {REBUILD}")
+    if train_paths is not None and train_rows is not None:
+        files = [storage.join(path, f) for f in files_for_rows(manifest, train_rows)]
     try:
         table = _read_rows(path, files, train_paths)
         if train_paths is None and table.num_rows != n * k + n_val:
@@ -353,6 +358,26 @@ def load_views(path: str, train_paths: list[str] | None = None) -> ViewStore:
         raise DataError(f"the teacher view store {path} is damaged ({exc}); {REBUILD}") from None
     return ViewStore(paths, boxes.view(found, k, 4), flips.view(found, k), logits.view(found, k, classes), manifest,
                      val["path"].to_pylist(), val_logits, partners, lams)
+
+
+def files_for_rows(manifest: dict[str, Any], rows: tuple[int, int]) -> list[str]:
+    """The store's files that may hold the training rows ``[start, stop)`` (positions in the split,
+    storage order), and every file of validation rows: what a worker whose part is that range needs
+    to read, about 1/world of the store's training files. A store written before files were mapped
+    to their rows (no ``file_rows`` in its manifest) gives all its files."""
+    where = manifest.get("file_rows")
+    if not isinstance(where, dict):
+        return list(manifest["files"])
+    start, stop = rows
+    keep = []
+    for name in manifest["files"]:
+        entry = where.get(name)
+        if not (isinstance(entry, list) and len(entry) == 3):
+            entry = ["train", 0, math.inf]  # unmapped: it may hold any row
+        split, first, last = entry
+        if split != "train" or (first < stop and last > start):
+            keep.append(name)
+    return keep
 
 
 def _read_rows(path: str, files: list[str], train_paths: list[str] | None) -> pa.Table:
@@ -494,13 +519,14 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
         seconds = time.perf_counter() - t0
         written = storage.list_files(work, ".parquet")
         prefix = storage.resolve(work)[1].rstrip("/") + "/"
+        files = [storage.resolve(f)[1][len(prefix):] for f in written]
         manifest = {"format": VIEWS_FORMAT, "key": os.path.basename(path.split("?")[0]), "teacher": teacher_id if isinstance(teacher_id, (str, list)) else str(teacher_id),
                     "teacher_input_size": s["size"], "student_crop": s["crop"], "num_views": s["k"], "augment": s["augment"],
                     "inception_scale": s["scale"], "seed": s["seed"], "num_classes": s["classes"], "class_names": s["class_names"],
                     "encoding": "logits" if s["classes"] <= FULL_LOGITS_MAX_CLASSES else f"top{s['topk']}",
                     "images": s["images"], "views": s["images"] * s["k"], "val_images": s["val_images"],
                     "eval_transform": s["eval_transform"], "mixup_pairs": s["pairs"],
-                    "files": [storage.resolve(f)[1][len(prefix):] for f in written], "seconds": round(seconds, 2),
+                    "files": files, "file_rows": _file_rows(items, files), "seconds": round(seconds, 2),
                     "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         storage.write_json(storage.join(work, "manifest.json"), manifest)
         load_views(work)  # every image's K views are there before anyone may use them
@@ -519,6 +545,13 @@ def _build(cfg: PipelineConfig, shard_dir: str, teacher: str, teacher_id, path: 
     if tracker is not None:
         _track(tracker, cfg, manifest, path, rate)
     return path
+
+
+def _file_rows(items: list[dict[str, Any]], files: list[str]) -> dict[str, list[Any]]:
+    """Each written file's split and rows ``[start, stop)`` in it: the input it was labelled from
+    (:func:`label_item` names a file by its input's number)."""
+    by_name = {f"part-{number:05d}.parquet": item for number, item in enumerate(items)}
+    return {f: [str(by_name[f]["split"]), int(by_name[f]["start"]), int(by_name[f]["stop"])] for f in files if f in by_name}
 
 
 def _label_items(shard_dir: str, pairs: dict[str, Any] | None) -> list[dict[str, Any]]:

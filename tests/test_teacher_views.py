@@ -320,18 +320,39 @@ def test_workers_parts_of_the_store_cover_the_training_split_once(shards, tmp_pa
     cfg = _cfg(shards, "distill.teacher_views=2")
     path = label_views(cfg, shards["dir"], teacher, "teacher-0", log=lambda *_: None)
     store, covered = load_views(path), []
+    # the manifest maps each file to the rows it holds: the training files tile the split
+    spans = sorted((first, last) for split, first, last in store.manifest["file_rows"].values() if split == "train")
+    assert spans[0][0] == 0 and spans[-1][1] == len(store.paths) and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert sorted(store.manifest["file_rows"]) == sorted(store.manifest["files"])
     for rank in range(2):
         part = load_split(shards["dir"], "train", rank, 2)
         views = TeacherViews(path)
-        views.bind(part.paths, torch.device("cpu"))
+        views.bind(part.paths, torch.device("cpu"), part.rows)
         rows = torch.tensor([store.paths.index(p) for p in part.paths])
         assert torch.equal(views.part[0], store.boxes[rows]) and torch.equal(views.part[2], store.logits[rows])
-        # a worker reads only its own images' rows (and every validation row)
-        own = load_views(path, part.paths)
-        assert sorted(own.paths) == sorted(part.paths) and len(own.paths) < len(store.paths)
-        assert own.val_paths == store.val_paths and torch.equal(own.val_logits, store.val_logits)
+        # a worker reads only its own images' rows (and every validation row), from the files
+        # holding its range when it says which range that is
+        for own in (load_views(path, part.paths), load_views(path, part.paths, part.rows)):
+            assert sorted(own.paths) == sorted(part.paths) and len(own.paths) < len(store.paths)
+            assert own.val_paths == store.val_paths and torch.equal(own.val_logits, store.val_logits)
         covered += part.paths
     assert sorted(covered) == store.paths
+
+
+def test_a_worker_reads_only_the_view_files_that_hold_its_rows():
+    from pipeline.label import files_for_rows
+
+    manifest = {"files": ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "part-00003.parquet"],
+                "file_rows": {"part-00000.parquet": ["train", 0, 100], "part-00001.parquet": ["train", 100, 200],
+                              "part-00002.parquet": ["train", 200, 300], "part-00003.parquet": ["val", 0, 30]}}
+    assert files_for_rows(manifest, (0, 150)) == ["part-00000.parquet", "part-00001.parquet", "part-00003.parquet"]
+    assert files_for_rows(manifest, (150, 300)) == ["part-00001.parquet", "part-00002.parquet", "part-00003.parquet"]
+    assert files_for_rows(manifest, (100, 200)) == ["part-00001.parquet", "part-00003.parquet"]  # bounds are [start, stop)
+    assert files_for_rows(manifest, (0, 0)) == ["part-00003.parquet"]  # validation only
+    # a file the map does not know, or a store written before the map, may hold any row
+    del manifest["file_rows"]["part-00002.parquet"]
+    assert files_for_rows(manifest, (0, 50)) == ["part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
+    assert files_for_rows({"files": manifest["files"]}, (0, 50)) == manifest["files"]
 
 
 def test_the_label_command_logs_a_stage_run_and_reuses_its_store(shards, tmp_path):

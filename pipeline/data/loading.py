@@ -28,6 +28,7 @@ class SplitTensors:
     labels: torch.Tensor  # int64, N
     paths: list[str]
     bytes_read: int = 0  # Parquet column-chunk bytes read from storage to build this part
+    rows: tuple[int, int] = (0, 0)  # this part's rows [start, stop) of the split, in storage order
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -115,7 +116,7 @@ def load_split(
                               if rg.column(c).path_in_schema in names)
     if not pieces:
         empty = torch.zeros((0, *shape), dtype=torch.uint8, device=device)
-        return SplitTensors(empty, torch.zeros(0, dtype=torch.int64, device=device), [], bytes_read)
+        return SplitTensors(empty, torch.zeros(0, dtype=torch.int64, device=device), [], bytes_read, (start, stop))
     table = pa.concat_tables(pieces)
     images = gather_binary(table["image"], np.arange(table.num_rows), shape)
     return SplitTensors(
@@ -123,4 +124,5 @@ def load_split(
         torch.from_numpy(table["label"].to_numpy().astype(np.int64)).to(device),
         [str(p) for p in table["path"].to_pylist()],
         bytes_read,
+        (start, stop),
     )

@@ -196,7 +196,7 @@ def _start(cfg: PipelineConfig, plan: StagePlan, ctx: LoopContext) -> _Run:
         model = model.to(memory_format=torch.channels_last)
     if ctx.train_stream is None:
         train = load_split(plan.shard_dir, "train", ctx.rank, world, device)
-        task.bind_train_part(train.paths, device)
+        task.bind_train_part(train.paths, device, rows=train.rows)
     else:  # streamed batches carry their row numbers in the split, so tasks index the whole split,
         # kept in host memory (every rank holds all of it); each batch's rows go to the device
         train = None

@@ -92,8 +92,9 @@ class Task(ABC):
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
 
-    def bind_train_part(self, paths: list[str], device: torch.device) -> None:
-        """Called once with this worker's training rows (paths in row order)."""
+    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None) -> None:
+        """Called once with this worker's training rows (paths in row order); ``rows``: their range
+        ``[start, stop)`` in the split when the part is one contiguous range (memory mode)."""
 
     def bind_val_part(self, paths: list[str], device: torch.device) -> None:
         """Called once with this worker's validation rows (paths in row order)."""
@@ -235,15 +236,17 @@ class TeacherViews:
         self.part_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.val_part = None
 
-    def _load(self, train_paths: list[str]):
+    def _load(self, train_paths: list[str], rows: tuple[int, int] | None):
         from pipeline.label import load_views
 
-        store = load_views(self.path, train_paths)
+        store = load_views(self.path, train_paths, rows)
         self.val_paths, self.val_logits = store.val_paths, store.val_logits
         return store
 
-    def bind(self, paths: list[str], device: torch.device) -> None:
-        store = self._load(paths)
+    def bind(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None) -> None:
+        """Keep the views of the training images ``paths`` (``rows``: their range in the split, when
+        contiguous, so that only the store's files holding it are read)."""
+        store = self._load(paths, rows)
         row = {p: i for i, p in enumerate(store.paths)}
         missing = [p for p in paths if p not in row]
         if missing:
@@ -265,7 +268,7 @@ class TeacherViews:
 
     def bind_val(self, paths: list[str], device: torch.device) -> None:
         if self.val_paths is None:
-            self._load([])
+            self._load([], (0, 0))  # no training rows: only the files of validation rows are read
         row = {p: i for i, p in enumerate(self.val_paths)}
         missing = [p for p in paths if p not in row]
         if missing:
@@ -314,9 +317,9 @@ class DeitTask(Task):
         self.teacher_size = d.teacher_input_size or (self.teacher.input_size if self.teacher else self.crop)
         self.epoch = 0
 
-    def bind_train_part(self, paths: list[str], device: torch.device) -> None:
+    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None) -> None:
         if self.views is not None:
-            self.views.bind(paths, device)
+            self.views.bind(paths, device, rows)
 
     def bind_val_part(self, paths: list[str], device: torch.device) -> None:
         if self.views is not None:
@@ -415,11 +418,11 @@ class FunMatchTask(Task):
             self.cached = {"paths": cache["paths"], "logits": cache["logits"]}
         self.part_logits: torch.Tensor | None = None
 
-    def bind_train_part(self, paths: list[str], device: torch.device) -> None:
+    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None) -> None:
         """fixed_teacher: line the cached logits up with this worker's rows of the training split;
         views: the recorded views of those rows."""
         if self.views is not None:
-            self.views.bind(paths, device)
+            self.views.bind(paths, device, rows)
         if self.cached is not None:
             row = {p: i for i, p in enumerate(self.cached["paths"])}
             missing = [p for p in paths if p not in row]

@@ -333,7 +333,8 @@ def load_views(path: str, train_paths: list[str] | None = None, train_rows: tupl
     if missing:
         raise DataError(f"the teacher view store {path} lacks {len(missing)} of its {len(files)} files ({missing[0]}, ...); {REBUILD}")
     if train_paths is not None and train_rows is not None:
-        files = [storage.join(path, f) for f in files_for_rows(manifest, train_rows)]
+        # (never none at all: an empty dataset would have no columns to check)
+        files = [storage.join(path, f) for f in files_for_rows(manifest, train_rows)] or files
     try:
         table = _read_rows(path, files, train_paths)
         if train_paths is None and table.num_rows != n * k + n_val:
@@ -372,8 +373,8 @@ def files_for_rows(manifest: dict[str, Any], rows: tuple[int, int]) -> list[str]
     keep = []
     for name in manifest["files"]:
         entry = where.get(name)
-        if not (isinstance(entry, list) and len(entry) == 3):
-            entry = ["train", 0, math.inf]  # unmapped: it may hold any row
+        if not (isinstance(entry, list) and len(entry) == 3 and all(isinstance(v, (int, float)) for v in entry[1:])):
+            entry = ["train", 0, math.inf]  # unmapped (or unreadable): it may hold any row
         split, first, last = entry
         if split != "train" or (first < stop and last > start):
             keep.append(name)
@@ -382,8 +383,8 @@ def files_for_rows(manifest: dict[str, Any], rows: tuple[int, int]) -> list[str]
 
 def _read_rows(path: str, files: list[str], train_paths: list[str] | None) -> pa.Table:
     """The store's rows: all, or those of ``train_paths`` plus the validation rows. The scanner
-    applies the filter to each record batch as it reads, so other parts' rows are held only a batch
-    at a time (every file is still read)."""
+    applies the filter to each record batch as it reads, so other parts' rows in ``files`` are held
+    only a batch at a time."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 

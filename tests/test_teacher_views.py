@@ -312,7 +312,8 @@ def test_a_partial_or_damaged_store_is_refused_then_rebuilt_by_force(shards, tmp
     assert any(f"{done} views labelled ({m['views']} training, {m['val_images']} validation)" in line for line in lines)
 
 
-def test_workers_parts_of_the_store_cover_the_training_split_once(shards, tmp_path):
+def test_workers_parts_of_the_store_cover_the_training_split_once(shards, tmp_path, monkeypatch):
+    from pipeline import label
     from pipeline.data.loading import load_split
     from pipeline.train.steps import TeacherViews
 
@@ -324,10 +325,18 @@ def test_workers_parts_of_the_store_cover_the_training_split_once(shards, tmp_pa
     spans = sorted((first, last) for split, first, last in store.manifest["file_rows"].values() if split == "train")
     assert spans[0][0] == 0 and spans[-1][1] == len(store.paths) and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert sorted(store.manifest["file_rows"]) == sorted(store.manifest["files"])
+    read_rows, opened = label._read_rows, []
+    monkeypatch.setattr(label, "_read_rows", lambda p, files, wanted: opened.append(files) or read_rows(p, files, wanted))
+    train_files = {f for f, (split, *_) in store.manifest["file_rows"].items() if split == "train"}
+    read_by_rank = []
     for rank in range(2):
         part = load_split(shards["dir"], "train", rank, 2)
         views = TeacherViews(path)
         views.bind(part.paths, torch.device("cpu"), part.rows)
+        # a worker that says its range opens only the files overlapping it, and the validation files
+        read = {os.path.basename(f) for f in opened[-1]}
+        assert read - train_files == set(store.manifest["files"]) - train_files
+        read_by_rank.append(read & train_files)
         rows = torch.tensor([store.paths.index(p) for p in part.paths])
         assert torch.equal(views.part[0], store.boxes[rows]) and torch.equal(views.part[2], store.logits[rows])
         # a worker reads only its own images' rows (and every validation row), from the files
@@ -337,6 +346,8 @@ def test_workers_parts_of_the_store_cover_the_training_split_once(shards, tmp_pa
             assert own.val_paths == store.val_paths and torch.equal(own.val_logits, store.val_logits)
         covered += part.paths
     assert sorted(covered) == store.paths
+    assert len(train_files) > 2 and all(len(r) < len(train_files) for r in read_by_rank)
+    assert read_by_rank[0] | read_by_rank[1] == train_files and len(read_by_rank[0] & read_by_rank[1]) <= 1
 
 
 def test_a_worker_reads_only_the_view_files_that_hold_its_rows():
@@ -351,6 +362,8 @@ def test_a_worker_reads_only_the_view_files_that_hold_its_rows():
     assert files_for_rows(manifest, (0, 0)) == ["part-00003.parquet"]  # validation only
     # a file the map does not know, or a store written before the map, may hold any row
     del manifest["file_rows"]["part-00002.parquet"]
+    assert files_for_rows(manifest, (0, 50)) == ["part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
+    manifest["file_rows"]["part-00002.parquet"] = ["train", None, "300"]  # unreadable: read it, do not crash
     assert files_for_rows(manifest, (0, 50)) == ["part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
     assert files_for_rows({"files": manifest["files"]}, (0, 50)) == manifest["files"]
 

@@ -28,7 +28,7 @@ class SplitTensors:
     labels: torch.Tensor  # int64, N
     paths: list[str]
     bytes_read: int = 0  # Parquet column-chunk bytes read from storage to build this part
-    rows: tuple[int, int] = (0, 0)  # this part's rows [start, stop) of the split, in storage order
+    rows: tuple[int, int] | None = None  # this part's rows [start, stop) of the split, in storage order
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

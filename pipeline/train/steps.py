@@ -243,10 +243,10 @@ class TeacherViews:
         self.val_paths, self.val_logits = store.val_paths, store.val_logits
         return store
 
-    def bind(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None) -> None:
-        """Keep the views of the training images ``paths`` (``rows``: their range in the split, when
-        contiguous, so that only the store's files holding it are read)."""
-        store = self._load(paths, rows)
+    def bind(self, paths: list[str], device: torch.device, span: tuple[int, int] | None = None) -> None:
+        """Keep the views of the training images ``paths`` (``span``: their rows ``[start, stop)`` in
+        the split, when contiguous, so that only the store's files holding them are read)."""
+        store = self._load(paths, span)
         row = {p: i for i, p in enumerate(store.paths)}
         missing = [p for p in paths if p not in row]
         if missing:

@@ -53,3 +53,22 @@ def test_learning_curves_mark_the_best_epoch_with_integer_ticks():
 def test_confusion_png_is_written(tmp_path, normalize):
     path = plots.confusion_matrix(CONFUSION, NAMES, str(tmp_path / "c.png"), "t", normalize=normalize)
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_vs_latency_names_every_model_in_a_legend_and_draws_each_pairs_gain():
+    rows = [{"role": "teacher", "arch": "lite2", "latency_ms": 30.0, "val_top1": 0.97, "params": 4.8e6}]
+    for student, alone, distilled in (("a", 0.60, 0.93), ("b", 0.79, 0.78)):
+        rows += [{"role": f"{student}-alone", "arch": "same", "latency_ms": 10.0, "val_top1": alone, "params": 3e6},
+                 {"role": f"{student}-distilled", "arch": "same", "latency_ms": 10.5, "val_top1": distilled, "params": 3e6}]
+    rows.append({"role": "baseline", "arch": "other", "latency_ms": 12.0, "val_top1": 0.5, "params": 5e6})
+    fig = plots.accuracy_vs_latency_figure(rows)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0] == "teacher (lite2): 97.0 %" and "a-distilled (same): 93.0 %" in labels and len(labels) == len(rows)
+    # one arrow per alone -> distilled pair, pointing at the distilled model
+    arrows = [c for c in ax.get_children() if getattr(c, "arrow_patch", None) is not None]
+    assert sorted(a.xy for a in arrows) == [(10.5, 0.78), (10.5, 0.93)]
+    # two students of one architecture get different colours, each pair one
+    colour = {h.get_label().split(" ")[0]: h.get_color() for h in ax.get_legend().legend_handles}
+    assert colour["a-alone"] == colour["a-distilled"] != colour["b-alone"] == colour["b-distilled"]
+    plt.close(fig)

@@ -101,8 +101,9 @@ def sweep_scatter(rows: list[dict], keys: list[str], metric: str, path: str) -> 
 
 
 def plot_accuracy_vs_latency(rows: list[dict[str, Any]], path: str) -> str:
-    """Val top-1 against ms per image, one point per role, area ~ parameters; colour: the student (a
-    role without its ``-alone`` / ``-distilled`` suffix), star: the teacher, triangle: a ``*-distilled`` student, with an arrow from its ``*-alone`` twin.
+    """Val top-1 against ms per image, one point per role, area ~ parameters. Colour: the student (a
+    role without its ``-alone`` / ``-distilled`` suffix); star: the teacher; triangle: a
+    ``*-distilled`` student, with an arrow from its ``*-alone`` twin.
 
     A legend names the points: labels written beside them collided once a report held a few models
     of one architecture (and labels staggered to avoid that drifted away from their points)."""
@@ -118,24 +119,23 @@ def accuracy_vs_latency_figure(rows: list[dict[str, Any]]):
 
     fig, ax = plt.subplots(figsize=(10, 4.8))
     biggest = max(r["params"] for r in rows) or 1
+
     def student(role: str) -> str:
         return role.removesuffix("-alone").removesuffix("-distilled")
 
     students = list(dict.fromkeys(student(r["role"]) for r in rows))
     colour = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(students)}
+
+    def area(r: dict[str, Any]) -> float:
+        return 60 + 400 * r["params"] / biggest
+
     handles = []
     for r in rows:
         marker = "*" if r["role"] == "teacher" else "^" if r["role"].endswith("-distilled") else "o"
-        ax.scatter(r["latency_ms"], r["val_top1"], s=60 + 400 * r["params"] / biggest, marker=marker, alpha=0.75,
+        ax.scatter(r["latency_ms"], r["val_top1"], s=area(r), marker=marker, alpha=0.75,
                    color=colour[student(r["role"])], edgecolors="black", linewidths=0.5)
         handles.append(Line2D([], [], linestyle="none", marker=marker, markersize=8, color=colour[student(r["role"])],
                               markeredgecolor="black", label=f"{r['role']} ({r['arch']}): {100 * r['val_top1']:.1f} %"))
-    by_role = {r["role"]: r for r in rows}
-    for r in rows:
-        alone = by_role.get(r["role"].removesuffix("-distilled") + "-alone") if r["role"].endswith("-distilled") else None
-        if alone is not None:
-            ax.annotate("", xy=(r["latency_ms"], r["val_top1"]), xytext=(alone["latency_ms"], alone["val_top1"]),
-                        arrowprops={"arrowstyle": "->", "color": colour[student(r["role"])], "lw": 1.2, "shrinkA": 5, "shrinkB": 5})
     latencies = [r["latency_ms"] for r in rows]
     if max(latencies) / max(min(latencies), 1e-9) > 20:
         ax.set_xscale("log")
@@ -150,6 +150,21 @@ def accuracy_vs_latency_figure(rows: list[dict[str, Any]]):
     ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_title("accuracy vs latency (marker area ~ parameters; arrow: alone -> distilled)")
     fig.tight_layout()
+    # Arrows last, once the layout is fixed: an arrow is drawn from edge to edge of its two markers
+    # (radius in points: half the square root of the area) and only where they do not overlap; a
+    # shorter one would show a stray head beside the markers, pointing anywhere.
+    by_role = {r["role"]: r for r in rows}
+    to_points = 72 / fig.dpi
+    for r in rows:
+        alone = by_role.get(r["role"].removesuffix("-distilled") + "-alone") if r["role"].endswith("-distilled") else None
+        if alone is None:
+            continue
+        gap_a, gap_b = area(alone) ** 0.5 / 2 + 1, area(r) ** 0.5 / 2 + 1
+        (xa, ya), (xb, yb) = ax.transData.transform([(alone["latency_ms"], alone["val_top1"]), (r["latency_ms"], r["val_top1"])])
+        if ((xb - xa) ** 2 + (yb - ya) ** 2) ** 0.5 * to_points > gap_a + gap_b + 4:
+            ax.annotate("", xy=(r["latency_ms"], r["val_top1"]), xytext=(alone["latency_ms"], alone["val_top1"]),
+                        arrowprops={"arrowstyle": "-|>", "color": "0.2", "lw": 1.2, "shrinkA": gap_a, "shrinkB": gap_b},
+                        zorder=3)
     return fig
 
 

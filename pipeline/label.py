@@ -333,7 +333,7 @@ def load_views(path: str, train_paths: list[str] | None = None, train_rows: tupl
     if missing:
         raise DataError(f"the teacher view store {path} lacks {len(missing)} of its {len(files)} files ({missing[0]}, ...); {REBUILD}")
     if train_paths is not None and train_rows is not None:
-        # (never none at all: an empty dataset would have no columns to check)
+        # falls back to every file if it picks none: a dataset of no files has no columns to filter
         files = [storage.join(path, f) for f in files_for_rows(manifest, train_rows)] or files
     try:
         table = _read_rows(path, files, train_paths)

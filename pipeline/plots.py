@@ -156,7 +156,7 @@ def accuracy_vs_latency_figure(rows: list[dict[str, Any]]):
     by_role = {r["role"]: r for r in rows}
     to_points = 72 / fig.dpi
     for r in rows:
-        alone = by_role.get(r["role"].removesuffix("-distilled") + "-alone") if r["role"].endswith("-distilled") else None
+        alone = by_role.get(student(r["role"]) + "-alone") if r["role"].endswith("-distilled") else None
         if alone is None:
             continue
         gap_a, gap_b = area(alone) ** 0.5 / 2 + 1, area(r) ** 0.5 / 2 + 1

@@ -322,41 +322,55 @@ def load_views(path: str, train_paths: list[str] | None = None, train_rows: tupl
     try:
         manifest = storage.read_json(manifest_path)
         files = [storage.join(path, f) for f in manifest["files"]]
-        k, n, classes = int(manifest["num_views"]), int(manifest["images"]), int(manifest["num_classes"])
-        n_val = int(manifest["val_images"])
+        k, n, n_val = int(manifest["num_views"]), int(manifest["images"]), int(manifest["val_images"])
+        int(manifest["num_classes"])  # checked here, read where the rows are decoded
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"the teacher view store {path} has an unreadable manifest.json ({exc}); {REBUILD}") from None
+    check_files(path, manifest)
+    if train_paths is not None and train_rows is not None:
+        # falls back to every file if it picks none: a dataset of no files has no columns to filter
+        files = [storage.join(path, f) for f in files_for_rows(manifest, train_rows)] or files
+    try:
+        table = read_rows(path, files, train_paths)
+        if train_paths is None and table.num_rows != n * k + n_val:
+            raise DataError(f"holds {table.num_rows} rows, its manifest says {n} images x {k} views and {n_val} validation images")
+        return views_from_table(table, manifest, n_val, n if train_paths is None else None, train_paths)
+    except (DataError, pa.ArrowException, OSError, KeyError) as exc:
+        raise DataError(f"the teacher view store {path} is damaged ({exc}); {REBUILD}") from None
+
+
+def check_files(path: str, manifest: dict[str, Any]) -> None:
+    """Refuse a store that lacks any of the files its manifest lists."""
     # one listing, not one existence check per file (each a request on an object store)
     prefix = storage.resolve(path)[1].rstrip("/") + "/"
     present = {storage.resolve(f)[1][len(prefix):] for f in storage.list_files(path, ".parquet")}
     missing = [f for f in manifest["files"] if f not in present]
     if missing:
-        raise DataError(f"the teacher view store {path} lacks {len(missing)} of its {len(files)} files ({missing[0]}, ...); {REBUILD}")
-    if train_paths is not None and train_rows is not None:
-        # falls back to every file if it picks none: a dataset of no files has no columns to filter
-        files = [storage.join(path, f) for f in files_for_rows(manifest, train_rows)] or files
-    try:
-        table = _read_rows(path, files, train_paths)
-        if train_paths is None and table.num_rows != n * k + n_val:
-            raise DataError(f"holds {table.num_rows} rows, its manifest says {n} images x {k} views and {n_val} validation images")
-        table = table.sort_by([("view", "ascending"), ("path", "ascending")])
-        val, table = table.slice(0, n_val), table.slice(n_val)
-        if n_val and (len(val) != n_val or val["view"].to_numpy().max() != -1):
-            raise DataError("does not hold the teacher's output on every validation image")
-        table = table.sort_by([("path", "ascending"), ("view", "ascending")])
-        paths = table["path"].to_pylist()[::k]
-        found = n if train_paths is None else len(paths)
-        if len(set(paths)) != found or table["view"].to_numpy().tolist() != list(range(k)) * found:
-            raise DataError("does not hold exactly the K views of each image")
-        boxes = torch.from_numpy(np.stack([table[c].to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)).float()
-        flips = torch.from_numpy(table["flip"].to_numpy(zero_copy_only=False).astype(bool))
-        logits = decode_outputs(table, classes)
-        val_logits = decode_outputs(val, classes)
-        pairs = "partner" in table.column_names
-        wanted = None if train_paths is None else set(train_paths)
-        partners, lams = _pairs_of(table, paths, k, manifest, wanted) if pairs else (None, None)
-    except (DataError, pa.ArrowException, OSError, KeyError) as exc:
-        raise DataError(f"the teacher view store {path} is damaged ({exc}); {REBUILD}") from None
+        raise DataError(f"the teacher view store {path} lacks {len(missing)} of its {len(manifest['files'])} files "
+                        f"({missing[0]}, ...); {REBUILD}")
+
+
+def views_from_table(table: pa.Table, manifest: dict[str, Any], n_val: int, expected: int | None,
+                     train_paths: list[str] | None) -> ViewStore:
+    """A :class:`ViewStore` from rows read out of a store: ``n_val`` of them validation rows
+    (``view`` -1), the rest K per training image (``expected`` images, when known). Raises
+    :class:`DataError` (or Arrow's and torch's own errors) where the rows are not what they must be."""
+    k, classes = int(manifest["num_views"]), int(manifest["num_classes"])
+    table = table.sort_by([("view", "ascending"), ("path", "ascending")])
+    val, table = table.slice(0, n_val), table.slice(n_val)
+    if n_val and (len(val) != n_val or val["view"].to_numpy().max() != -1):
+        raise DataError("does not hold the teacher's output on every validation image")
+    table = table.sort_by([("path", "ascending"), ("view", "ascending")])
+    paths = table["path"].to_pylist()[::k]
+    found = len(paths) if expected is None else expected
+    if len(set(paths)) != found or table["view"].to_numpy().tolist() != list(range(k)) * found:
+        raise DataError("does not hold exactly the K views of each image")
+    boxes = torch.from_numpy(np.stack([table[c].to_numpy() for c in ("x1", "y1", "x2", "y2")], axis=1)).float()
+    flips = torch.from_numpy(table["flip"].to_numpy(zero_copy_only=False).astype(bool))
+    logits = decode_outputs(table, classes)
+    val_logits = decode_outputs(val, classes)
+    wanted = None if train_paths is None else set(train_paths)
+    partners, lams = _pairs_of(table, paths, k, manifest, wanted) if "partner" in table.column_names else (None, None)
     return ViewStore(paths, boxes.view(found, k, 4), flips.view(found, k), logits.view(found, k, classes), manifest,
                      val["path"].to_pylist(), val_logits, partners, lams)
 
@@ -381,7 +395,7 @@ def files_for_rows(manifest: dict[str, Any], rows: tuple[int, int]) -> list[str]
     return keep
 
 
-def _read_rows(path: str, files: list[str], train_paths: list[str] | None) -> pa.Table:
+def read_rows(path: str, files: list[str], train_paths: list[str] | None) -> pa.Table:
     """The store's rows: all, or those of ``train_paths`` plus the validation rows. The scanner
     applies the filter to each record batch as it reads, so other parts' rows in ``files`` are held
     only a batch at a time."""

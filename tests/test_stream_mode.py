@@ -18,14 +18,17 @@ NUM_CLASSES = 5
 
 @pytest.fixture(scope="module")
 def small(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stream")
-    cfg = load_config(None, [
+    cfg = load_config(None, _small_overrides(tmp_path_factory.mktemp("stream")))
+    return cfg, preprocess(cfg, log=lambda *_: None)["shard_dir"]
+
+
+def _small_overrides(out) -> list[str]:
+    return [
         f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", "tracking.experiment=stream",
         "data.synthetic.images_per_class=48", "data.synthetic.image_size=48", "data.image_size=36", "data.val_fraction=0.25",
         "data.rows_per_shard=20", "ray.num_workers=2", "train.crop_size=32", "train.data=stream", "train.max_failures=1",
         "teacher.epochs=3", "teacher.batch_size=32", "teacher.lr=0.02", "teacher.scale_lr=false",
-    ])
-    return cfg, preprocess(cfg, log=lambda *_: None)["shard_dir"]
+    ]
 
 
 def test_auto_streams_only_what_does_not_fit_a_worker():
@@ -103,6 +106,27 @@ def test_a_streamed_teacher_learns_and_resumes_after_a_killed_worker(small, tmp_
     assert steps == [1, 2, 3]  # an epoch run twice is logged once
     seen = wait_for_output(capfd, "[teacher] resuming after epoch")
     assert "[teacher] resuming after epoch" in seen, seen[-2000:]
+
+
+def test_a_student_replays_teacher_views_in_stream_mode(small):
+    """Stream mode with the label step's views: each worker reads the view files its streamed row
+    groups need (tests/test_teacher_views.py checks the views themselves). With alpha 1 the student
+    learns from the replayed teacher outputs alone, so it learns only if each streamed image gets
+    its own views' targets."""
+    from pipeline.stages import run_training_stage
+    from pipeline.tracking import tracked
+
+    cfg, _ = small
+    with tracked(cfg, "teacher") as tracker:  # reused when the test above has trained it
+        teacher = run_training_stage(cfg, "teacher", tracker, log=lambda *_: None)
+    overrides = ["distill.student=resnet10t", "distill.type=soft", "distill.alpha=1.0", "distill.teacher_views=2", "distill.epochs=4",
+                 "distill.batch_size=32", "distill.lr=0.02", "distill.scale_lr=false", "distill.name=streamed-views"]
+    student_cfg = load_config(None, [*_small_overrides(cfg.output_dir), *overrides])
+    with tracked(student_cfg, "distill") as tracker:
+        result = run_training_stage(student_cfg, "distill", tracker, log=lambda *_: None)
+    assert result["label_seconds"] is not None and [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
+    assert result["metrics"]["val_top1"] > 1 / NUM_CLASSES + 0.15, (teacher["metrics"], result["history"])
+    assert result["metrics"]["val_agreement"] > 1 / NUM_CLASSES + 0.1, (teacher["metrics"], result["history"])
 
 
 def test_the_stream_executor_pauses_only_when_nothing_runs(small, monkeypatch):

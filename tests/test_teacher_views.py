@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -325,8 +326,8 @@ def test_workers_parts_of_the_store_cover_the_training_split_once(shards, tmp_pa
     spans = sorted((first, last) for split, first, last in store.manifest["file_rows"].values() if split == "train")
     assert spans[0][0] == 0 and spans[-1][1] == len(store.paths) and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     assert sorted(store.manifest["file_rows"]) == sorted(store.manifest["files"])
-    read_rows, opened = label._read_rows, []
-    monkeypatch.setattr(label, "_read_rows", lambda p, files, wanted: opened.append(files) or read_rows(p, files, wanted))
+    read_rows, opened = label.read_rows, []
+    monkeypatch.setattr(label, "read_rows", lambda p, files, wanted: opened.append(files) or read_rows(p, files, wanted))
     train_files = {f for f, (split, *_) in store.manifest["file_rows"].items() if split == "train"}
     read_by_rank = []
     for rank in range(2):
@@ -391,8 +392,10 @@ def test_the_label_command_logs_a_stage_run_and_reuses_its_store(shards, tmp_pat
     assert cli_main(["label", *shards["overrides"], "distill.teacher_views=0", f"tracking.uri={uri}"]) == 2
 
 
-def test_streamed_batches_replay_the_views_of_their_own_images(shards, tmp_path):
-    """Stream mode binds the task to the whole split and indexes it by each streamed row's number."""
+def test_streamed_batches_replay_the_views_of_their_own_images_reading_each_file_once(shards, tmp_path, monkeypatch):
+    """Stream mode binds the task to the whole split and indexes it by each streamed row's number;
+    the views are read file by file, each when a batch first needs a row of it."""
+    from pipeline import label
     from pipeline.data.loading import load_split
     from pipeline.data.streaming import epoch_batches, split_paths, stream_dataset
     from pipeline.train.steps import TeacherViews
@@ -400,19 +403,68 @@ def test_streamed_batches_replay_the_views_of_their_own_images(shards, tmp_path)
     teacher = _save_teacher(tmp_path / "t")
     path = label_views(_cfg(shards, "distill.teacher_views=2"), shards["dir"], teacher, "teacher-0", log=lambda *_: None)
     store, views = load_views(path), TeacherViews(path)
+    train_files = sorted(f for f, (split, *_) in store.manifest["file_rows"].items() if split == "train")
+    read_rows, opened = label.read_rows, []
+    monkeypatch.setattr(label, "read_rows", lambda p, files, wanted: opened.append(files) or read_rows(p, files, wanted))
     paths = split_paths(shards["dir"], "train")
-    views.bind(paths, torch.device("cpu"))
+    views.bind(paths, torch.device("cpu"), streamed=True)
+    assert views.by_file is not None and views.part is None and opened == []  # nothing read before a batch asks
     whole = load_split(shards["dir"], "train")
     seen = []
     for images, labels, rows in epoch_batches(stream_dataset(shards["dir"], "train").iterator(), 4, tuple(whole.images.shape[1:]),
                                               torch.device("cpu"), seed=0):
         batch = TrainBatch(images, labels, torch.arange(len(rows)), None, rows=rows)
-        boxes, flips, logits = views.view(batch.part_rows, 1)
-        mine = torch.tensor([store.paths.index(paths[r]) for r in rows.tolist()])
-        assert torch.equal(boxes, store.boxes[mine, 1]) and torch.equal(logits, store.logits[mine, 1].float())
+        for k in (1, 0):
+            boxes, flips, logits = views.view(batch.part_rows, k)
+            mine = torch.tensor([store.paths.index(paths[r]) for r in rows.tolist()])
+            assert torch.equal(boxes, store.boxes[mine, k]) and torch.equal(flips, store.flips[mine, k])
+            assert torch.equal(logits, store.logits[mine, k].float())
         assert torch.equal(images, whole.images[rows])
         seen += rows.tolist()
     assert len(seen) == len(set(seen)) == len(whole) // 4 * 4
+    # one training file per read: each file holding a streamed row (the epoch's full batches leave
+    # some rows out), read once for the epoch and both views; never a validation file
+    holding = sorted({f for r in seen for f in train_files if store.manifest["file_rows"][f][1] <= r < store.manifest["file_rows"][f][2]})
+    assert all(len(files) == 1 for files in opened) and len(holding) > 2
+    assert sorted(os.path.basename(files[0]) for files in opened) == holding
+    # only the most recently used files are kept
+    views.by_file.keep = 1
+    views.view(torch.tensor([0, 1]), 0)
+    reads = len(opened)
+    assert len(views.by_file.cache) == 1 and reads <= len(holding) + 1
+    views.view(torch.tensor([len(paths) - 1]), 0)  # another file: read (again), the first dropped
+    assert len(views.by_file.cache) == 1 and len(opened) == reads + 1
+
+
+def test_stream_mode_reads_the_whole_store_where_it_cannot_read_it_by_file(shards, tmp_path):
+    """Stores without a usable row map, or with mixup partners, are read whole (as before); a store
+    that lacks a file is refused when bound, before any training."""
+    from pipeline.data.sources import DataError
+    from pipeline.data.streaming import split_paths
+    from pipeline.train.steps import TeacherViews
+    from pipeline.train.view_files import ViewsByFile
+
+    teacher = _save_teacher(tmp_path / "t")
+    path = label_views(_cfg(shards, "distill.teacher_views=2"), shards["dir"], teacher, "teacher-0", log=lambda *_: None)
+    manifest, paths = load_views(path).manifest, split_paths(shards["dir"], "train")
+    assert ViewsByFile.for_store(path, manifest, paths) is not None
+    train = sorted((f for f, e in manifest["file_rows"].items() if e[0] == "train"), key=lambda f: manifest["file_rows"][f][1])
+    holes = {**manifest, "file_rows": {f: e for f, e in manifest["file_rows"].items() if f != train[1]}}
+    shifted = {**manifest, "file_rows": {**manifest["file_rows"], train[1]: ["train", 1, manifest["file_rows"][train[1]][2]]}}
+    for unusable in ({k: v for k, v in manifest.items() if k != "file_rows"}, holes, shifted,
+                     {**manifest, "mixup_pairs": {"world": 1}}, {**manifest, "images": len(paths) + 1}):
+        assert ViewsByFile.for_store(path, unusable, paths) is None
+    copy = tmp_path / "old-store"
+    shutil.copytree(path, copy)
+    (copy / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "file_rows"}))
+    views = TeacherViews(str(copy))
+    views.bind(paths, torch.device("cpu"), streamed=True)
+    assert views.by_file is None and len(views.part[0]) == len(paths)  # read whole, as before the map
+    damaged = tmp_path / "damaged-store"
+    shutil.copytree(path, damaged)
+    os.remove(damaged / train[0])
+    with pytest.raises(DataError, match="lacks 1 of its"):
+        TeacherViews(str(damaged)).bind(paths, torch.device("cpu"), streamed=True)
 
 
 def _funmatch_cfg(shards, *extra):

@@ -197,10 +197,11 @@ def _start(cfg: PipelineConfig, plan: StagePlan, ctx: LoopContext) -> _Run:
     if ctx.train_stream is None:
         train = load_split(plan.shard_dir, "train", ctx.rank, world, device)
         task.bind_train_part(train.paths, device, rows=train.rows)
-    else:  # streamed batches carry their row numbers in the split, so tasks index the whole split,
-        # kept in host memory (every rank holds all of it); each batch's rows go to the device
+    else:  # streamed batches carry their row numbers in the split, so tasks index the whole split
+        # on the host (teacher views read file by file as batches need them); each batch's rows go
+        # to the device
         train = None
-        task.bind_train_part(split_paths(plan.shard_dir, "train"), torch.device("cpu"))
+        task.bind_train_part(split_paths(plan.shard_dir, "train"), torch.device("cpu"), streamed=True)
     val = load_split(plan.shard_dir, "val", ctx.rank, world, device)
     task.bind_val_part(val.paths, device)
     n_train = manifest["split_sizes"]["train"]

@@ -18,6 +18,7 @@ from pipeline.data import augment
 from pipeline.data.batches import batch_for_training
 from pipeline.models import build_student, build_teacher, has_distillation_head, head_logits, prefers_channels_last
 from pipeline.plan import StageKind, StagePlan
+from pipeline.train.view_files import ViewsByFile
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -92,9 +93,11 @@ class Task(ABC):
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
 
-    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None) -> None:
+    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None,
+                        streamed: bool = False) -> None:
         """Called once with this worker's training rows (paths in row order); ``rows``: their range
-        ``[start, stop)`` in the split when the part is one contiguous range (memory mode)."""
+        ``[start, stop)`` in the split when the part is one contiguous range (memory mode);
+        ``streamed``: ``paths`` is the whole split, and batches will name their rows in it (stream mode)."""
 
     def bind_val_part(self, paths: list[str], device: torch.device) -> None:
         """Called once with this worker's validation rows (paths in row order)."""
@@ -224,7 +227,7 @@ class TeacherViews:
 
         self.path = path
         try:
-            manifest = storage.read_json(storage.join(path, "manifest.json"))
+            self.manifest = manifest = storage.read_json(storage.join(path, "manifest.json"))
             self.pairs = manifest.get("mixup_pairs")
             self.num_views, self.num_classes = int(manifest["num_views"]), int(manifest["num_classes"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -234,6 +237,7 @@ class TeacherViews:
         self.val_logits = None
         self.part: tuple[torch.Tensor, torch.Tensor, Any] | None = None
         self.part_pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.by_file: ViewsByFile | None = None
         self.val_part = None
 
     def _load(self, train_paths: list[str], rows: tuple[int, int] | None):
@@ -243,9 +247,20 @@ class TeacherViews:
         self.val_paths, self.val_logits = store.val_paths, store.val_logits
         return store
 
-    def bind(self, paths: list[str], device: torch.device, span: tuple[int, int] | None = None) -> None:
+    def bind(self, paths: list[str], device: torch.device, span: tuple[int, int] | None = None,
+             streamed: bool = False) -> None:
         """Keep the views of the training images ``paths`` (``span``: their rows ``[start, stop)`` in
-        the split, when contiguous, so that only the store's files holding them are read)."""
+        the split, when contiguous, so that only the store's files holding them are read).
+        ``streamed``: ``paths`` is the whole split, whose rows stream mode's batches name; the views
+        are then read file by file as batches need them (:mod:`pipeline.train.view_files`), where
+        the store allows it."""
+        if streamed:
+            from pipeline.label import check_files
+
+            self.by_file = ViewsByFile.for_store(self.path, self.manifest, paths)
+            if self.by_file is not None:
+                check_files(self.path, self.manifest)
+                return
         store = self._load(paths, span)
         row = {p: i for i, p in enumerate(store.paths)}
         missing = [p for p in paths if p not in row]
@@ -284,6 +299,9 @@ class TeacherViews:
 
     def view(self, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """View ``k`` of the bound rows ``idx``, on ``idx``'s device (stream mode binds on the host)."""
+        if self.by_file is not None:
+            boxes, flips, logits = self.by_file.view(idx, k)
+            return boxes.to(idx.device), flips.to(idx.device), logits.to(idx.device)
         boxes, flips, logits = self.part
         at = idx.to(boxes.device)
         return boxes[at, k].to(idx.device), flips[at, k].to(idx.device), logits[at, k].float().to(idx.device)
@@ -317,9 +335,10 @@ class DeitTask(Task):
         self.teacher_size = d.teacher_input_size or (self.teacher.input_size if self.teacher else self.crop)
         self.epoch = 0
 
-    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None) -> None:
+    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None,
+                        streamed: bool = False) -> None:
         if self.views is not None:
-            self.views.bind(paths, device, rows)
+            self.views.bind(paths, device, rows, streamed)
 
     def bind_val_part(self, paths: list[str], device: torch.device) -> None:
         if self.views is not None:
@@ -418,11 +437,12 @@ class FunMatchTask(Task):
             self.cached = {"paths": cache["paths"], "logits": cache["logits"]}
         self.part_logits: torch.Tensor | None = None
 
-    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None) -> None:
+    def bind_train_part(self, paths: list[str], device: torch.device, rows: tuple[int, int] | None = None,
+                        streamed: bool = False) -> None:
         """fixed_teacher: line the cached logits up with this worker's rows of the training split;
         views: the recorded views of those rows."""
         if self.views is not None:
-            self.views.bind(paths, device, rows)
+            self.views.bind(paths, device, rows, streamed)
         if self.cached is not None:
             row = {p: i for i, p in enumerate(self.cached["paths"])}
             missing = [p for p in paths if p not in row]

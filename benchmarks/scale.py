@@ -1,12 +1,16 @@
 """Memory mode vs stream mode on a dataset of 50,000 synthetic images, side by side in one run.
 
-    python benchmarks/scale.py [--images 50000 --size 64 --model resnet10t --epochs 2 --out /tmp/scale]
+    python benchmarks/scale.py [--images 50000 --size 64 --model resnet10t --epochs 2 --workers 2 --out /tmp/scale]
+
+Peak memory with a part larger than a worker's fixed cost (about 1.4 GB here): larger stored images,
+trained on small crops so that an epoch stays short (the crop changes the compute, not what a worker
+holds), e.g. ``--images 30000 --size 224 --crop 16 --workers 1 --epochs 1``.
 
 1. Writes Parquet shards in the pipeline's format (pixels drawn per class, not photos: this measures
    the feed, not accuracy) and reuses them on the next run.
 2. Bytes read per rank at world sizes 1 and 2: memory mode (``load_split``'s own count of column
    chunks read) and stream mode (rows a rank receives from Ray Data's split, times their size).
-3. The teacher stage (a timm model from scratch, ``teacher.mode=full``) on 2 Ray Train workers,
+3. The teacher stage (a timm model from scratch, ``teacher.mode=full``) on ``--workers`` Ray Train workers,
    once with ``train.data=memory`` and once with ``train.data=stream``: epoch throughput (the last
    epoch's images/s, as the loop reports it) and each worker's peak memory, sampled from outside
    (``WorkerMemory``): RSS, and RSS without the shared-memory object store's pages.
@@ -88,9 +92,9 @@ class WorkerMemory:
                 peak[0] = max(peak[0], kb.get("VmRSS", 0) * 1024)
                 peak[1] = max(peak[1], (kb.get("RssAnon", 0) + kb.get("RssFile", 0)) * 1024)
 
-    def workers(self) -> list[list[int]]:
-        """[peak RSS, peak RSS without shared memory] of the largest workers (one per rank)."""
-        return sorted(self.peaks.values(), key=lambda p: -p[0])[:2]
+    def workers(self, n: int) -> list[list[int]]:
+        """[peak RSS, peak RSS without shared memory] of the ``n`` largest workers (one per rank)."""
+        return sorted(self.peaks.values(), key=lambda p: -p[0])[:n]
 
 
 def train(args, shard_dir: str, mode: str) -> dict:
@@ -100,7 +104,8 @@ def train(args, shard_dir: str, mode: str) -> dict:
     out = os.path.join(args.out, f"run-{mode}")
     cfg = load_config(None, [
         f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db", "tracking.experiment=scale",
-        "ray.num_workers=2", f"train.data={mode}", "train.eval_every=1000", "train.checkpoint_every=1000",
+        f"ray.num_workers={args.workers}", f"train.data={mode}", "train.eval_every=1000", "train.checkpoint_every=1000",
+        *([f"train.crop_size={args.crop}"] if args.crop else []),
         f"teacher.model={args.model}", "teacher.pretrained=none", "teacher.mode=full", f"teacher.epochs={args.epochs}",
         f"teacher.batch_size={args.batch}", "teacher.lr=0.002",
     ])
@@ -108,7 +113,7 @@ def train(args, shard_dir: str, mode: str) -> dict:
         result = run_training_stage(cfg, "teacher", tracker, shard_dir=shard_dir, force=True, log=lambda *_: None,
                                     show_progress=False)
     last = result["history"][-1]
-    return {"images_per_s": last["images_per_s"], "epoch_s": last["epoch_time_s"], "peak": memory.workers(),
+    return {"images_per_s": last["images_per_s"], "epoch_s": last["epoch_time_s"], "peak": memory.workers(args.workers),
             "train_loss": [h["train_loss"] for h in result["history"]]}
 
 
@@ -119,6 +124,8 @@ def main() -> None:
     ap.add_argument("--model", default="resnet10t")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=2, help="Ray Train workers for the two training runs")
+    ap.add_argument("--crop", type=int, default=None, help="train on crops of this size (default: the stored size)")
     ap.add_argument("--out", default="/tmp/pipeline-scale")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -142,7 +149,8 @@ def main() -> None:
 
     runs = {mode: train(args, shard_dir, mode) for mode in ("memory", "stream")}
     ray.shutdown()
-    print(f"\nteacher {args.model} from scratch, 2 workers, {args.epochs} epochs, batch {args.batch}; last epoch")
+    crop = f", {args.crop} px crops" if args.crop else ""
+    print(f"\nteacher {args.model} from scratch, {args.workers} worker(s), {args.epochs} epochs, batch {args.batch}{crop}; last epoch")
     print(f"{'mode':<8} {'images/s':>9} {'epoch s':>8} {'peak RSS MB':>12} {'without shm MB':>15}  train loss by epoch")
     for mode, r in runs.items():
         rss = "/".join(f"{p[0] / 2**20:.0f}" for p in r["peak"])

@@ -188,3 +188,27 @@ def test_cli_bad_input_exits_2_with_message(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["preprocess", "data.image_size=-3"]) == 2
     assert "data.image_size" in capsys.readouterr().err
+
+
+def test_loading_a_part_holds_one_file_of_arrow_data_at_a_time(tmp_path, monkeypatch):
+    """A worker's part is copied file by file into one array: the load peaks at the part plus one
+    file's table, not at the part twice (every table, then their copy)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("synthetic_shards", Path(__file__).parents[1] / "benchmarks" / "synthetic_shards.py")
+    synthetic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(synthetic)
+    monkeypatch.setattr(synthetic, "ROWS_PER_FILE", 50)
+    root = synthetic.write_shards(str(tmp_path / "shards"), 400, 50, 64)  # 8 training files of 50 rows
+    file_bytes = 50 * 64 * 64 * 3
+    default = pa.default_memory_pool()
+    pool = pa.proxy_memory_pool(default)  # its own peak, counting what Arrow allocates while reading
+    pa.set_memory_pool(pool)
+    try:
+        part = load_split(root, "train", rank=1, world_size=2)
+    finally:
+        pa.set_memory_pool(default)
+    assert len(part) == 200 and part.rows == (200, 400) and pool.max_memory() < 2 * file_bytes
+    table = pa.concat_tables(pq.read_table(os.path.join(root, "train", f"part-{i:05d}.parquet")) for i in range(4, 8))
+    assert part.paths == table["path"].to_pylist() and part.labels.tolist() == table["label"].to_pylist()
+    assert np.array_equal(part.images.numpy(), gather_binary(table["image"], np.arange(200), (64, 64, 3)))

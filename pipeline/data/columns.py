@@ -24,8 +24,10 @@ def fixed_size_binary_column(rows: np.ndarray) -> pa.Array:
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(rows.reshape(-1).view(np.uint8))])
 
 
-def gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Rows ``order`` of a ``fixed_size_binary`` column -> one (len(order), *shape) uint8 array.
+def gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int, ...],
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``order`` of a ``fixed_size_binary`` column -> one (len(order), *shape) uint8 array
+    (written into ``out`` when given: a C-contiguous uint8 array of that many bytes).
 
     Each chunk's data buffer is viewed in place and scattered straight to its rows' destinations:
     one copy in all (large copies are what the load costs, not Python).
@@ -34,7 +36,7 @@ def gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int, 
     if not pa.types.is_fixed_size_binary(column.type) or column.type.byte_width != row:
         raise DataError(f"a Parquet column holds {column.type} cells, not the manifest's {shape} "
                         f"(fixed_size_binary[{row}]); rebuild it with --force")
-    out = np.empty((len(order), row), dtype=np.uint8)
+    out = np.empty((len(order), row), dtype=np.uint8) if out is None else out.reshape(len(order), row)
     dest_of = np.full(len(column), -1, dtype=np.int64)
     dest_of[order] = np.arange(len(order))
     start = 0

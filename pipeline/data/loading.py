@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -99,7 +98,10 @@ def load_split(
         raise DataError(f"{shard_dir}: the {split} shards hold {total} images, the manifest says {expected}; "
                         "the shards were changed after preprocessing: rebuild them with `python -m pipeline preprocess --force`")
     start, stop = rank_range(total, rank, world_size)
-    pieces, bytes_read, columns = [], 0, ["path", "label", "image"]
+    # Each file's rows are copied into one array allocated up front and its table dropped, so the
+    # load peaks at the part plus one file, not twice the part (all tables, then their copy).
+    images = np.empty((stop - start, *shape), dtype=np.uint8)
+    labels, paths, at, bytes_read, columns = [], [], 0, 0, ["path", "label", "image"]
     by_file: dict[str, list[RowGroup]] = {}
     for g in groups:
         if g.first_row < stop and g.first_row + g.num_rows > start:
@@ -108,21 +110,24 @@ def load_split(
         pf = pq.ParquetFile(storage.resolve(f)[1], filesystem=fs, memory_map=local)
         table = pf.read_row_groups([g.index for g in mine], columns=columns)
         lo = max(start - mine[0].first_row, 0)
-        pieces.append(table.slice(lo, min(stop, mine[-1].first_row + mine[-1].num_rows) - mine[0].first_row - lo))
+        table = table.slice(lo, min(stop, mine[-1].first_row + mine[-1].num_rows) - mine[0].first_row - lo)
+        gather_binary(table["image"], np.arange(table.num_rows), shape, out=images[at : at + table.num_rows])
+        labels.append(table["label"].to_numpy().astype(np.int64))
+        paths += [str(p) for p in table["path"].to_pylist()]
+        at += table.num_rows
+        del table
         names = set(columns)
         for g in mine:
             rg = pf.metadata.row_group(g.index)
             bytes_read += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns)
                               if rg.column(c).path_in_schema in names)
-    if not pieces:
-        empty = torch.zeros((0, *shape), dtype=torch.uint8, device=device)
-        return SplitTensors(empty, torch.zeros(0, dtype=torch.int64, device=device), [], bytes_read, (start, stop))
-    table = pa.concat_tables(pieces)
-    images = gather_binary(table["image"], np.arange(table.num_rows), shape)
+    if at != len(images):
+        raise DataError(f"{shard_dir}: the {split} shards gave {at} of the {len(images)} rows their metadata promised; "
+                        "rebuild them with `python -m pipeline preprocess --force`")
     return SplitTensors(
         torch.from_numpy(images).to(device),
-        torch.from_numpy(table["label"].to_numpy().astype(np.int64)).to(device),
-        [str(p) for p in table["path"].to_pylist()],
+        torch.from_numpy(np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)).to(device),
+        paths,
         bytes_read,
         (start, stop),
     )

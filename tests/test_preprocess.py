@@ -201,6 +201,9 @@ def test_loading_a_part_holds_one_file_of_arrow_data_at_a_time(tmp_path, monkeyp
     monkeypatch.setattr(synthetic, "ROWS_PER_FILE", 50)
     root = synthetic.write_shards(str(tmp_path / "shards"), 400, 50, 64)  # 8 training files of 50 rows
     file_bytes = 50 * 64 * 64 * 3
+    with pytest.raises(ValueError, match="C-contiguous uint8"):  # a copy would leave the caller's array empty
+        gather_binary(pq.read_table(os.path.join(root, "train", "part-00000.parquet"))["image"], np.arange(50), (64, 64, 3),
+                      out=np.empty((64, 64, 3, 50), dtype=np.uint8).transpose(3, 0, 1, 2))
     default = pa.default_memory_pool()
     pool = pa.proxy_memory_pool(default)  # its own peak, counting what Arrow allocates while reading
     pa.set_memory_pool(pool)
@@ -208,6 +211,7 @@ def test_loading_a_part_holds_one_file_of_arrow_data_at_a_time(tmp_path, monkeyp
         part = load_split(root, "train", rank=1, world_size=2)
     finally:
         pa.set_memory_pool(default)
+    assert pool.bytes_allocated() == 0  # nothing of the tables outlives the load
     assert len(part) == 200 and part.rows == (200, 400) and pool.max_memory() < 2 * file_bytes
     table = pa.concat_tables(pq.read_table(os.path.join(root, "train", f"part-{i:05d}.parquet")) for i in range(4, 8))
     assert part.paths == table["path"].to_pylist() and part.labels.tolist() == table["label"].to_pylist()

@@ -2,6 +2,8 @@
 rows across the ranks, the streamed pixels are the stored ones, and a stage trains, and resumes
 after a killed worker, as in memory mode."""
 
+import glob
+import os
 import threading
 
 import numpy as np
@@ -116,7 +118,7 @@ def test_a_student_replays_teacher_views_in_stream_mode(small):
     from pipeline.stages import run_training_stage
     from pipeline.tracking import tracked
 
-    cfg, _ = small
+    cfg, shard_dir = small
     with tracked(cfg, "teacher") as tracker:  # reused when the test above has trained it
         teacher = run_training_stage(cfg, "teacher", tracker, log=lambda *_: None)
     overrides = ["distill.student=resnet10t", "distill.type=soft", "distill.alpha=1.0", "distill.teacher_views=2", "distill.epochs=4",
@@ -127,6 +129,12 @@ def test_a_student_replays_teacher_views_in_stream_mode(small):
     assert result["label_seconds"] is not None and [h["epoch"] for h in result["history"]] == [1, 2, 3, 4]
     assert result["metrics"]["val_top1"] > 1 / NUM_CLASSES + 0.15, (teacher["metrics"], result["history"])
     assert result["metrics"]["val_agreement"] > 1 / NUM_CLASSES + 0.1, (teacher["metrics"], result["history"])
+    # the store those workers replayed is one they read file by file
+    from pipeline import storage
+    from pipeline.train.view_files import ViewsByFile
+
+    (store,) = glob.glob(os.path.join(shard_dir, "teacher_views", "*", "manifest.json"))
+    assert ViewsByFile.for_store(os.path.dirname(store), storage.read_json(store), split_paths(shard_dir, "train")) is not None
 
 
 def test_the_stream_executor_pauses_only_when_nothing_runs(small, monkeypatch):

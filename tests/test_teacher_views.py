@@ -427,13 +427,20 @@ def test_streamed_batches_replay_the_views_of_their_own_images_reading_each_file
     holding = sorted({f for r in seen for f in train_files if store.manifest["file_rows"][f][1] <= r < store.manifest["file_rows"][f][2]})
     assert all(len(files) == 1 for files in opened) and len(holding) > 2
     assert sorted(os.path.basename(files[0]) for files in opened) == holding
-    # only the most recently used files are kept
+    # only the most recently used files are kept, but never fewer than one call needs
     views.by_file.keep = 1
-    views.view(torch.tensor([0, 1]), 0)
+    first_and_last = torch.tensor([0, len(paths) - 1])
+    boxes, _, logits = views.by_file.view(first_and_last, 0)
+    mine = torch.tensor([store.paths.index(paths[r]) for r in first_and_last.tolist()])
+    assert torch.equal(boxes, store.boxes[mine, 0]) and torch.equal(logits, store.logits[mine, 0].float())
+    assert len(views.by_file.cache) == 2
     reads = len(opened)
-    assert len(views.by_file.cache) == 1 and reads <= len(holding) + 1
-    views.view(torch.tensor([len(paths) - 1]), 0)  # another file: read (again), the first dropped
-    assert len(views.by_file.cache) == 1 and len(opened) == reads + 1
+    views.view(torch.tensor([len(paths) - 1]), 0)  # kept: read no more, and the other file dropped
+    assert len(opened) == reads and len(views.by_file.cache) == 1
+    views.view(torch.tensor([0]), 0)  # dropped: read again
+    assert len(opened) == reads + 1 and len(views.by_file.cache) == 1
+    with pytest.raises(ValueError, match="outside the training split"):
+        views.view(torch.tensor([-1]), 0)
 
 
 def test_stream_mode_reads_the_whole_store_where_it_cannot_read_it_by_file(shards, tmp_path):

@@ -36,7 +36,12 @@ def gather_binary(column: pa.ChunkedArray, order: np.ndarray, shape: tuple[int, 
     if not pa.types.is_fixed_size_binary(column.type) or column.type.byte_width != row:
         raise DataError(f"a Parquet column holds {column.type} cells, not the manifest's {shape} "
                         f"(fixed_size_binary[{row}]); rebuild it with --force")
-    out = np.empty((len(order), row), dtype=np.uint8) if out is None else out.reshape(len(order), row)
+    if out is None:
+        out = np.empty((len(order), row), dtype=np.uint8)
+    elif out.dtype != np.uint8 or not out.flags.c_contiguous or out.size != len(order) * row:
+        raise ValueError(f"out must be a C-contiguous uint8 array of {len(order)} x {row} bytes")  # else reshape would copy
+    else:
+        out = out.reshape(len(order), row)
     dest_of = np.full(len(column), -1, dtype=np.int64)
     dest_of[order] = np.arange(len(order))
     start = 0

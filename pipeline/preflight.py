@@ -29,20 +29,23 @@ def check_output_location(cfg: PipelineConfig) -> None:
     also catches missing credentials and a wrong endpoint before any work starts.
     """
     out = cfg.output_dir
-    probe = storage.join(out, f".write-test-{uuid.uuid4().hex[:8]}")
-    created = None if storage.is_uri(out) else _first_missing(os.path.abspath(out))
+    # A missing output_dir is not created for the probe: the probe goes into its nearest existing
+    # parent, where creating the directory would need the same permission. Creating it and removing
+    # it afterwards raced with a second run started on the same new directory, whose lock file and
+    # shards the removal then deleted.
+    missing = None if storage.is_uri(out) else _first_missing(os.path.abspath(out))
+    where = os.path.dirname(missing) if missing else out
+    probe = storage.join(where, f".write-test-{uuid.uuid4().hex[:8]}")
     try:
-        fs, path = storage.resolve(out)
+        fs, path = storage.resolve(where)
         storage.write_text(probe, "ok")
         fs.delete_file(storage.resolve(probe)[1])
-        if created:  # leave no trace: a config that fails later must not leave empty directories behind
-            shutil.rmtree(created, ignore_errors=True)
     except Exception as exc:
         raise ConfigError(f"output_dir {out!r} is not writable ({type(exc).__name__}: {str(exc)[:200]}). "
                           "Choose a directory you can write to (output_dir=...) or fix its permissions.") from None
     if storage.is_uri(out):
         return  # object stores report no free space; quotas there fail loudly on write
-    free_gb = shutil.disk_usage(os.path.dirname(created) if created else path).free / 2**30
+    free_gb = shutil.disk_usage(path).free / 2**30
     if free_gb < cfg.output_min_free_gb:
         raise ConfigError(f"output_dir {out!r} has {free_gb:.2f} GiB free, less than output_min_free_gb="
                           f"{cfg.output_min_free_gb}: shards and checkpoints would fill the disk mid-run. "

@@ -37,10 +37,27 @@ def test_full_output_location_is_reported_before_any_work(tmp_path, capsys, monk
 
 def test_writable_output_dir_passes_and_leaves_no_trace(tmp_path):
     preflight.check_output_location(load_config(None, [f"output_dir={tmp_path}/out/deeper"]))
-    assert not (tmp_path / "out").exists()  # it created out/deeper for the probe, and removed both
+    assert list(tmp_path.iterdir()) == []  # probed in the nearest existing parent, nothing created
     (tmp_path / "kept").mkdir()
     preflight.check_output_location(load_config(None, [f"output_dir={tmp_path}/kept"]))
     assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_the_probe_never_removes_what_another_run_writes_into_a_new_output_dir(tmp_path, monkeypatch):
+    """Two runs started on the same new output_dir: while this one probes, the other creates the
+    directory and takes its lock there; the probe must leave both alone."""
+    out = tmp_path / "out"
+    write_text = storage.write_text
+
+    def another_run_starts_meanwhile(path, text):
+        (out / ".locks").mkdir(parents=True, exist_ok=True)
+        (out / ".locks" / "preprocess-0123.lock").write_text("")
+        write_text(path, text)
+
+    monkeypatch.setattr(storage, "write_text", another_run_starts_meanwhile)
+    preflight.check_output_location(load_config(None, [f"output_dir={out}"]))
+    assert [p.name for p in (out / ".locks").iterdir()] == ["preprocess-0123.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and the probe file is gone
 
 
 MOUNTS = """/dev/vda / ext4 rw 0 0

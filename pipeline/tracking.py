@@ -50,6 +50,33 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
+_READY_STORES: set[str] = set()
+
+
+def ready_store(uri: str) -> None:
+    """Create or upgrade a local SQLite store's tables once per process, one process at a time.
+
+    MLflow migrates a new SQLite file when a client first opens it, with no lock of its own: two
+    runs started together on a fresh ``mlflow.db`` both migrate it, one fails, and the file can be
+    left half-migrated (a stray ``_alembic_tmp_*`` table) and refused by every later run. An
+    ``flock`` on a hidden file beside the database serialises that first opening; later ones find
+    the tables in place. Failures are left to the callers' :func:`attempt`, which reports them.
+    """
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:" or uri in _READY_STORES:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import storage
+
+    db = os.path.abspath(uri[len("sqlite:///"):])
+    try:
+        with storage.build_lock(os.path.join(os.path.dirname(db), f".{os.path.basename(db)}.lock")):
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception:
+        return
+    _READY_STORES.add(uri)
+
+
 def attempt(fn: Callable[[], Any], what: str, fail_fast: bool, tries: int = 3, wait: float = 1.0) -> tuple[bool, Any]:
     """Call ``fn`` up to ``tries`` times (waiting ``wait``, then twice as long, between tries): ``(True, result)``.
 
@@ -171,6 +198,7 @@ class Tracker:
     def _client(self):
         from mlflow.tracking import MlflowClient
 
+        ready_store(self.uri)
         return MlflowClient(self.uri)
 
     def start(self) -> "Tracker":

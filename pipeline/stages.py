@@ -8,6 +8,7 @@ everything (plots, MLflow, ``result.json``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -99,14 +100,31 @@ def run_training_stage(cfg: PipelineConfig, stage: str, tracker: Tracker, force:
     manifest = read_manifest(plan.shard_dir)
     if manifest["split_sizes"]["val"] == 0:
         raise ConfigError("the validation split is empty: set data.val_fraction > 0 (model selection needs it)")
-    done = finished_stage(cfg, plan, tracker.uri) if reuse and not force else None
-    if done:
-        log(f"{plan.role}: up to date (same fingerprint as Ray run {plan.ray_run}), skipped; model in {done['best_checkpoint']}. "
-            f"To redo it: `python -m pipeline {stage} --force` or `run --force {stage}`.")
-        return {**done, "skipped": True}
-    fitted = _fit(cfg, plan, tracker, force, log, extra_tags or {}, callbacks, reserved_cpu, after_epoch, show_progress)
-    best_dir, best_metrics, model, meta = _publish(plan, fitted)
-    return _record(cfg, plan, tracker, fitted, manifest, best_dir, best_metrics, model, meta)
+    with _stage_lock(cfg, plan, reuse, log):
+        done = finished_stage(cfg, plan, tracker.uri) if reuse and not force else None
+        if done:
+            log(f"{plan.role}: up to date (same fingerprint as Ray run {plan.ray_run}), skipped; model in {done['best_checkpoint']}. "
+                f"To redo it: `python -m pipeline {stage} --force` or `run --force {stage}`.")
+            return {**done, "skipped": True}
+        fitted = _fit(cfg, plan, tracker, force, log, extra_tags or {}, callbacks, reserved_cpu, after_epoch, show_progress)
+        best_dir, best_metrics, model, meta = _publish(plan, fitted)
+        return _record(cfg, plan, tracker, fitted, manifest, best_dir, best_metrics, model, meta)
+
+
+def _stage_lock(cfg: PipelineConfig, plan: StagePlan, reuse: bool, log):
+    """One run at a time per stage output (``teacher``, ``distill/<role>``) of a local output_dir.
+
+    Two invocations of the same stage would otherwise train side by side into the same Ray run,
+    MLflow run and ``best`` directory; the second now waits, then finds the stage up to date (or,
+    with another config, trains after the first). A sweep trial (``reuse=False``) owns a directory
+    of its own. Object stores have no lock to take: there, as before, do not start the same stage twice.
+    """
+    if not reuse or storage.is_uri(plan.output_dir):
+        return contextlib.nullcontext()
+    name = os.path.relpath(storage.abspath(plan.output_dir), storage.abspath(cfg.output_dir)).replace(os.sep, "-")
+    lock = os.path.join(storage.abspath(cfg.output_dir), ".locks", f"stage-{name}.lock")
+    return storage.build_lock(lock, lambda where: log(f"{plan.role}: another run is training this stage into "
+                                                      f"{plan.output_dir} ({where}); waiting for it"))
 
 
 def _teacher_inputs(cfg: PipelineConfig, plan: StagePlan, force: bool, log, tracker: Tracker | None = None) -> str | None:

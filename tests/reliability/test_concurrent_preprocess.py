@@ -1,8 +1,9 @@
-"""Two preprocess runs of the same dataset into the same output_dir at once: one builds, the other
+"""Two runs of the same dataset into the same output_dir at once: one builds (or trains), the other
 waits and reuses; no run deletes the other's work, and one complete copy is left."""
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +11,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_two_concurrent_preprocess_runs_leave_one_complete_copy(ray_cluster, tmp_path):
+def test_two_concurrent_runs_leave_one_copy_of_the_shards_and_train_the_teacher_once(ray_cluster, tmp_path):
+    """Two invocations of `preprocess` then `teacher` started together on a new output_dir: one
+    decodes while the other waits and reuses; one trains the teacher while the other waits for it
+    and finds the stage up to date (without the stage lock both trained into one Ray run)."""
+    from mlflow.tracking import MlflowClient
+
     from pipeline.data import synthetic
 
     photos = synthetic.generate(tmp_path / "photos", 5, 60, 64, seed=0)  # a finished tree, as real photos are
-    args = [sys.executable, "-m", "pipeline", "preprocess", f"output_dir={tmp_path / 'out'}", "data.source=folder",
-            f"data.path={photos}", "data.image_size=48", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    common = [f"output_dir={tmp_path / 'out'}", "data.source=folder", f"data.path={photos}", "data.image_size=48",
+              f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=together"]
+    teacher = ["teacher.model=resnet10t", "teacher.pretrained=none", "teacher.mode=full", "teacher.epochs=1",
+               "teacher.batch_size=16", "teacher.crop_size=40", "ray.num_workers=1"]
+    command = " && ".join(shlex.join([sys.executable, "-m", "pipeline", stage, *common, *extra])
+                          for stage, extra in (("preprocess", []), ("teacher", teacher)))
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
-    runs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [subprocess.Popen(["sh", "-c", command], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for _ in range(2)]
     outputs = [r.communicate(timeout=600)[0] for r in runs]
     assert [r.returncode for r in runs] == [0, 0], outputs
@@ -30,6 +40,14 @@ def test_two_concurrent_preprocess_runs_leave_one_complete_copy(ray_cluster, tmp
     listed = [f for files in manifest["files"].values() for f in files]
     assert listed and all((copies[0] / f).is_file() for f in listed)
     assert sum(manifest["split_sizes"].values()) == 5 * 60
+    trained = [o for o in outputs if "training teacher" in o]
+    assert len(trained) == 1, outputs
+    assert "teacher: up to date" in next(o for o in outputs if o not in trained), outputs
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("together")
+    teacher_runs = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'teacher'")
+    assert len(teacher_runs) == 1
+    assert [len(client.get_metric_history(teacher_runs[0].info.run_id, "val_top1"))] == [1]  # its one epoch, once
 
 
 def test_object_store_builds_never_remove_a_live_run_s_files(ray_local, object_store, tmp_path):

@@ -114,14 +114,9 @@ def _run_all(cfg: PipelineConfig, args: argparse.Namespace) -> dict[str, Any]:
             results["baseline"] = run_training_stage(baseline_config(cfg), "distill", tracker, force="distill" in forced)
             _print_training(results["baseline"])
         if cfg.tune.in_run:
-            from pipeline.sweep import finished_sweep, run_sweep
+            from pipeline.sweep import run_sweep
 
-            done = None if "sweep" in forced else finished_sweep(cfg)
-            if done:
-                print(f"sweep: up to date (same fingerprint), skipped; results in {done['sweep_dir']}")
-                results["sweep"] = {**done, "skipped": True}
-            else:
-                results["sweep"] = run_sweep(cfg, tracker, resume="sweep" not in forced, force="sweep" in forced)
+            results["sweep"] = run_sweep(cfg, tracker, resume="sweep" not in forced, force="sweep" in forced, reuse=True)
         results["mlflow"] = {"tracking_uri": redact(tracker.uri), "experiment": cfg.tracking.experiment,
                              "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id}
     # The run's own summary: what each stage produced (each stage also saved its own result).

@@ -55,7 +55,7 @@ def check_output_location(cfg: PipelineConfig) -> None:
 def _first_missing(path: str) -> str | None:
     """The outermost directory of ``path`` that does not exist yet (None if ``path`` exists)."""
     missing = None
-    while path and not os.path.exists(path):
+    while path and not os.path.lexists(path):  # a dangling link exists: the probe must fail on it, not beside it
         missing, path = path, os.path.dirname(path)
         if path == missing:
             break

@@ -119,12 +119,17 @@ def _stage_lock(cfg: PipelineConfig, plan: StagePlan, reuse: bool, log):
     with another config, trains after the first). A sweep trial (``reuse=False``) owns a directory
     of its own. Object stores have no lock to take: there, as before, do not start the same stage twice.
     """
-    if not reuse or storage.is_uri(plan.output_dir):
+    if not reuse:
         return contextlib.nullcontext()
-    name = os.path.relpath(storage.abspath(plan.output_dir), storage.abspath(cfg.output_dir)).replace(os.sep, "-")
-    lock = os.path.join(storage.abspath(cfg.output_dir), ".locks", f"stage-{name}.lock")
-    return storage.build_lock(lock, lambda where: log(f"{plan.role}: another run is training this stage into "
-                                                      f"{plan.output_dir} ({where}); waiting for it"))
+    lock = None
+    if not storage.is_uri(plan.output_dir):
+        name = os.path.relpath(storage.abspath(plan.output_dir), storage.abspath(cfg.output_dir)).replace(os.sep, "-")
+        lock = os.path.join(storage.abspath(cfg.output_dir), ".locks", f"stage-{name}.lock")
+    return storage.turn_lock(
+        lock,
+        on_wait=lambda where: log(f"{plan.role}: another run is training this stage into {plan.output_dir} ({where}); waiting for it"),
+        on_unavailable=lambda why: log(f"{plan.role}: no lock could be taken for this stage ({why}); "
+                                       "do not start it twice at once into this output_dir"))
 
 
 def _teacher_inputs(cfg: PipelineConfig, plan: StagePlan, force: bool, log, tracker: Tracker | None = None) -> str | None:

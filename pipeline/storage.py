@@ -210,6 +210,24 @@ def build_lock(path: str, on_wait=None) -> Iterator[None]:
 
 
 @contextmanager
+def turn_lock(path: str | None, on_wait=None, on_unavailable=None) -> Iterator[None]:
+    """:func:`build_lock` where one can be taken, for a lock that only keeps two runs from doing the
+    same work at once. Where none can (``path`` None for an object store; a filesystem without
+    ``flock``, such as NFS without lockd; a directory this process cannot write) it calls
+    ``on_unavailable(reason)`` and goes on unlocked: such a lock must never stop a run by itself."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        if path is not None:
+            try:
+                stack.enter_context(build_lock(path, on_wait))
+            except OSError as exc:
+                if on_unavailable:
+                    on_unavailable(f"{type(exc).__name__}: {exc}")
+        yield
+
+
+@contextmanager
 def local_dir(path: str) -> Iterator[str]:
     """A local directory with the contents of ``path``: the path itself, or a temporary download of a URI."""
     if not is_uri(path):

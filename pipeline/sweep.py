@@ -114,22 +114,39 @@ def finished_sweep(cfg: PipelineConfig) -> dict[str, Any] | None:
         return None
 
 
-def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=print, force: bool = False) -> dict[str, Any]:
-    """Run (or ``resume``) the sweep; return the best trial and a summary of all. ``force`` starts it afresh."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=print, force: bool = False,
+              reuse: bool = False) -> dict[str, Any]:
+    """Run (or ``resume``) the sweep; return the best trial and a summary of all. ``force`` starts it
+    afresh; ``reuse`` returns the saved result of a finished sweep of the same fingerprint instead.
 
-    from pipeline.cluster import init_ray
+    One invocation at a time runs a given sweep of a local output_dir: a second one waits for the
+    first (two Tuners in one experiment directory would overwrite each other's state)."""
     from pipeline.data.preprocess import built_shards
     from pipeline.plan import plan_stage
 
     validate_space(cfg)
+    plan = plan_stage(cfg, cfg.tune.stage, built_shards(cfg))  # the base config's plan; each trial plans its own
+    name = sweep_name(cfg, plan.shard_dir, plan.teacher)
+    lock = None if storage.is_uri(cfg.output_dir) else os.path.join(storage.abspath(cfg.output_dir), ".locks", f"{name}.lock")
+    with storage.turn_lock(lock, on_wait=lambda where: log(f"sweep: another run is running this sweep ({where}); waiting for it"),
+                           on_unavailable=lambda why: log(f"sweep: no lock could be taken ({why}); do not start this sweep twice at once")):
+        done = finished_sweep(cfg) if reuse and not force else None
+        if done:
+            log(f"sweep: up to date (same fingerprint), skipped; results in {done['sweep_dir']}")
+            return {**done, "skipped": True}
+        return _run_sweep(cfg, tracker, plan, name, resume, log, force)
+
+
+def _run_sweep(cfg: PipelineConfig, tracker: Tracker, plan, name: str, resume: bool, log, force: bool) -> dict[str, Any]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipeline.cluster import init_ray
+
     sweep = cfg.tune
-    plan = plan_stage(cfg, sweep.stage, built_shards(cfg))  # the base config's plan; each trial plans its own
     shard_dir, teacher = plan.shard_dir, plan.teacher
     sweeps_dir = storage.join(storage.abspath(cfg.output_dir), "sweeps")
     storage_path, storage_fs = storage.ray_storage(sweeps_dir)
-    name = sweep_name(cfg, shard_dir, teacher)
     sweep_dir = storage.join(sweeps_dir, name)
     if force:
         storage.delete_dir(sweep_dir)

@@ -62,13 +62,20 @@ def ready_store(uri: str) -> None:
     ``flock`` on a hidden file beside the database serialises that first opening; later ones find
     the tables in place. Failures are left to the callers' :func:`attempt`, which reports them.
     """
-    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:" or uri in _READY_STORES:
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
         return
     from mlflow.tracking import MlflowClient
+    from sqlalchemy.engine import make_url
 
     from pipeline import storage
 
-    db = os.path.abspath(uri[len("sqlite:///"):])
+    try:  # the file as SQLAlchemy opens it: percent-decoded, without the ?query
+        database = make_url(uri).database
+    except Exception:
+        return
+    if not database or database.startswith(":memory:") or database.startswith("file:"):
+        return
+    db = os.path.abspath(database)
     try:
         with storage.build_lock(os.path.join(os.path.dirname(db), f".{os.path.basename(db)}.lock")):
             MlflowClient(uri).search_experiments(max_results=1)

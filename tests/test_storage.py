@@ -85,3 +85,16 @@ def test_credentials_in_an_output_uri_are_refused_without_echoing_them():
         load_config(None, ["output_dir=s3://AKIAEXAMPLE:topsecret@bucket/runs"])
     assert "credentials" in str(err.value) and "AWS_ACCESS_KEY_ID" in str(err.value)
     assert "topsecret" not in str(err.value) and "AKIAEXAMPLE" not in str(err.value)  # not even where the override is quoted
+
+
+def test_a_lock_that_cannot_be_taken_never_stops_the_run(tmp_path):
+    from pipeline import storage
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    said, ran = [], []
+    with storage.turn_lock(str(blocker / ".locks" / "x.lock"), on_unavailable=said.append):  # no directory can go there
+        ran.append(True)
+    with storage.turn_lock(None, on_unavailable=said.append):  # an object store: nothing to lock
+        ran.append(True)
+    assert ran == [True, True] and len(said) == 1 and "Error" in said[0]

@@ -126,3 +126,32 @@ def test_a_trial_with_the_demo_scaling_runs_on_two_cpus(swept):
 def test_invalid_search_space_fails_before_any_trial(space, message):
     with pytest.raises(ConfigError, match=message):
         validate_space(load_config(None, [f"tune.space={space}"]))
+
+
+def test_a_second_sweep_waits_for_the_first_then_finds_it_done(swept):
+    """Two invocations of one sweep take turns: the second waits on the sweep's lock while the
+    first holds it, then (as `run` does) reuses the finished sweep instead of running it again."""
+    import threading
+
+    from pipeline import storage
+    from pipeline.data.preprocess import built_shards
+    from pipeline.plan import plan_stage
+    from pipeline.sweep import run_sweep, sweep_name
+    from pipeline.tracking import Tracker
+
+    cfg = swept["cfg"]
+    plan = plan_stage(cfg, cfg.tune.stage, built_shards(cfg))
+    lock = swept["out"] / ".locks" / f"{sweep_name(cfg, plan.shard_dir, plan.teacher)}.lock"
+    said, got = [], {}
+    second = threading.Thread(target=lambda: got.update(run_sweep(cfg, Tracker(cfg, "run"), resume=True, reuse=True, log=said.append)))
+    with storage.build_lock(str(lock)):  # the first invocation, still running its sweep
+        second.start()
+        for _ in range(300):
+            if said:
+                break
+            second.join(timeout=0.1)
+        assert second.is_alive() and len(said) == 1 and "another run is running this sweep" in said[0], said
+    second.join(timeout=120)
+    assert got.get("skipped") is True and got["best"]["trial_id"] == swept["result"]["best"]["trial_id"]
+    assert "sweep: up to date" in said[-1]
+

@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -14,7 +15,11 @@ REPO = Path(__file__).resolve().parents[2]
 def test_two_concurrent_runs_leave_one_copy_of_the_shards_and_train_the_teacher_once(ray_cluster, tmp_path):
     """Two invocations of `preprocess` then `teacher` started together on a new output_dir: one
     decodes while the other waits and reuses; one trains the teacher while the other waits for it
-    and finds the stage up to date (without the stage lock both trained into one Ray run)."""
+    and finds the stage up to date (without the stage lock both trained into one Ray run). The test
+    holds the teacher's lock until both wait on it, so the two always meet there."""
+    import threading
+
+    from pipeline import storage
     from mlflow.tracking import MlflowClient
 
     from pipeline.data import synthetic
@@ -26,10 +31,23 @@ def test_two_concurrent_runs_leave_one_copy_of_the_shards_and_train_the_teacher_
                "teacher.batch_size=16", "teacher.crop_size=40", "ray.num_workers=1"]
     command = " && ".join(shlex.join([sys.executable, "-m", "pipeline", stage, *common, *extra])
                           for stage, extra in (("preprocess", []), ("teacher", teacher)))
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
-    runs = [subprocess.Popen(["sh", "-c", command], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(2)]
-    outputs = [r.communicate(timeout=600)[0] for r in runs]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"], "PYTHONUNBUFFERED": "1"}
+    waiting = "teacher: another run is training this stage"
+    with storage.build_lock(str(tmp_path / "out" / ".locks" / "stage-teacher.lock")):
+        runs = [subprocess.Popen(["sh", "-c", command], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)]
+        lines = [[], []]
+        readers = [threading.Thread(target=lambda r=r, out=out: out.extend(r.stdout), daemon=True) for r, out in zip(runs, lines)]
+        for reader in readers:
+            reader.start()
+        deadline = time.monotonic() + 300
+        while not all(any(waiting in line for line in out) for out in lines):
+            assert time.monotonic() < deadline and all(r.poll() is None for r in runs), lines
+            time.sleep(0.2)
+    for r, reader in zip(runs, readers):
+        r.wait(timeout=600)
+        reader.join(timeout=60)
+    outputs = ["".join(out) for out in lines]
     assert [r.returncode for r in runs] == [0, 0], outputs
     built = [o for o in outputs if "with Ray Data ->" in o]
     assert len(built) == 1, outputs  # the other one waited and reused the copy

@@ -60,6 +60,13 @@ def test_the_probe_never_removes_what_another_run_writes_into_a_new_output_dir(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # and the probe file is gone
 
 
+def test_an_output_dir_that_is_a_dangling_link_is_refused_before_any_work(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match="is not writable"):
+        preflight.check_output_location(load_config(None, [f"output_dir={tmp_path}/out"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 MOUNTS = """/dev/vda / ext4 rw 0 0
 server:/export /mnt/shared nfs4 rw 0 0
 tmpfs /mnt/shared/scratch tmpfs rw 0 0

@@ -58,3 +58,12 @@ def test_runs_started_together_on_a_new_store_all_land_in_it(tmp_path):
     exp = client.get_experiment_by_name("together")
     assert sorted(r.info.run_name for r in client.search_runs([exp.experiment_id])) == names
     assert not (tmp_path / "out" / "mlflow_fallback.db").exists()
+
+
+def test_the_lock_file_is_named_after_the_database_file_not_the_uri(tmp_path):
+    from pipeline.tracking import ready_store
+
+    ready_store(f"sqlite:///{tmp_path}/runs.db?timeout=30")  # a query is not part of the file name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".runs.db.lock", "runs.db"]
+    ready_store("sqlite:///:memory:?cache=shared")  # nothing on disk to guard
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".runs.db.lock", "runs.db"]

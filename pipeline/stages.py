@@ -8,7 +8,6 @@ everything (plots, MLflow, ``result.json``).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -119,12 +118,10 @@ def _stage_lock(cfg: PipelineConfig, plan: StagePlan, reuse: bool, log):
     with another config, trains after the first). A sweep trial (``reuse=False``) owns a directory
     of its own. Object stores have no lock to take: there, as before, do not start the same stage twice.
     """
-    if not reuse:
-        return contextlib.nullcontext()
     lock = None
-    if not storage.is_uri(plan.output_dir):
-        name = os.path.relpath(storage.abspath(plan.output_dir), storage.abspath(cfg.output_dir)).replace(os.sep, "-")
-        lock = os.path.join(storage.abspath(cfg.output_dir), ".locks", f"stage-{name}.lock")
+    if reuse and not storage.is_uri(cfg.output_dir):
+        name = os.path.relpath(plan.output_dir, storage.abspath(cfg.output_dir)).replace(os.sep, "-")
+        lock = storage.run_lock_path(cfg.output_dir, f"stage-{name}")
     return storage.turn_lock(
         lock,
         on_wait=lambda where: log(f"{plan.role}: another run is training this stage into {plan.output_dir} ({where}); waiting for it"),

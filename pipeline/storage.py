@@ -209,12 +209,21 @@ def build_lock(path: str, on_wait=None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def run_lock_path(output_dir: str, name: str) -> str | None:
+    """``<output_dir>/.locks/<name>.lock``, or None for an object store (no lock to take there).
+
+    Outside the folders whose entries are outputs: a lock file is never deleted (a waiter holds the
+    same inode), so it must not look like a leftover."""
+    return None if is_uri(output_dir) else os.path.join(abspath(output_dir), ".locks", f"{name}.lock")
+
+
 @contextmanager
 def turn_lock(path: str | None, on_wait=None, on_unavailable=None) -> Iterator[None]:
     """:func:`build_lock` where one can be taken, for a lock that only keeps two runs from doing the
-    same work at once. Where none can (``path`` None for an object store; a filesystem without
-    ``flock``, such as NFS without lockd; a directory this process cannot write) it calls
-    ``on_unavailable(reason)`` and goes on unlocked: such a lock must never stop a run by itself."""
+    same work at once. ``path`` None (an object store) runs unlocked, silently. Where the lock
+    cannot be taken (a filesystem without ``flock``, such as NFS without lockd; a directory this
+    process cannot write) it calls ``on_unavailable(reason)`` and goes on unlocked: such a lock
+    must never stop a run by itself."""
     from contextlib import ExitStack
 
     with ExitStack() as stack:

@@ -101,19 +101,6 @@ def sweep_name(cfg: PipelineConfig, shard_dir: str, teacher: str | None) -> str:
     return f"sweep-{cfg.tune.stage}-{fp[:12]}"
 
 
-def finished_sweep(cfg: PipelineConfig) -> dict[str, Any] | None:
-    """The saved result of a finished sweep with this config's fingerprint, or None."""
-    from pipeline.data.preprocess import built_shards
-    from pipeline.plan import plan_stage
-
-    plan = plan_stage(cfg, cfg.tune.stage, built_shards(cfg))
-    path = storage.join(storage.abspath(cfg.output_dir), "sweeps", sweep_name(cfg, plan.shard_dir, plan.teacher), "result.json")
-    try:
-        return storage.read_json(path)
-    except (OSError, ValueError):
-        return None
-
-
 def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=print, force: bool = False,
               reuse: bool = False) -> dict[str, Any]:
     """Run (or ``resume``) the sweep; return the best trial and a summary of all. ``force`` starts it
@@ -127,14 +114,22 @@ def run_sweep(cfg: PipelineConfig, tracker: Tracker, resume: bool = False, log=p
     validate_space(cfg)
     plan = plan_stage(cfg, cfg.tune.stage, built_shards(cfg))  # the base config's plan; each trial plans its own
     name = sweep_name(cfg, plan.shard_dir, plan.teacher)
-    lock = None if storage.is_uri(cfg.output_dir) else os.path.join(storage.abspath(cfg.output_dir), ".locks", f"{name}.lock")
-    with storage.turn_lock(lock, on_wait=lambda where: log(f"sweep: another run is running this sweep ({where}); waiting for it"),
-                           on_unavailable=lambda why: log(f"sweep: no lock could be taken ({why}); do not start this sweep twice at once")):
-        done = finished_sweep(cfg) if reuse and not force else None
+    waiting = lambda where: log(f"sweep: another run is running this sweep ({where}); waiting for it")
+    unlocked = lambda why: log(f"sweep: no lock could be taken ({why}); do not start this sweep twice at once")
+    with storage.turn_lock(storage.run_lock_path(cfg.output_dir, name), on_wait=waiting, on_unavailable=unlocked):
+        done = _saved_result(storage.join(storage.abspath(cfg.output_dir), "sweeps", name)) if reuse and not force else None
         if done:
             log(f"sweep: up to date (same fingerprint), skipped; results in {done['sweep_dir']}")
             return {**done, "skipped": True}
         return _run_sweep(cfg, tracker, plan, name, resume, log, force)
+
+
+def _saved_result(sweep_dir: str) -> dict[str, Any] | None:
+    """The result a finished sweep saved in ``sweep_dir``, or None."""
+    try:
+        return storage.read_json(storage.join(sweep_dir, "result.json"))
+    except (OSError, ValueError):
+        return None
 
 
 def _run_sweep(cfg: PipelineConfig, tracker: Tracker, plan, name: str, resume: bool, log, force: bool) -> dict[str, Any]:

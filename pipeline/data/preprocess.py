@@ -157,9 +157,7 @@ def preprocess(cfg: PipelineConfig, force: bool = False, log=print) -> dict[str,
 
     if storage.is_uri(dest):
         return _build(cfg, listing, dest, fp, log, started)
-    # Outside the shard folder, whose entries are datasets: a lock file is never deleted (a waiter
-    # holds the same inode), so it must not look like a leftover.
-    with storage.build_lock(os.path.join(storage.abspath(cfg.output_dir), ".locks", f"preprocess-{fp[:16]}.lock"),
+    with storage.build_lock(storage.run_lock_path(cfg.output_dir, f"preprocess-{fp[:16]}"),
                             lambda where: log(f"preprocess: another run is building these shards ({where}); waiting for it")):
         # A run that held the lock before us may have just built these shards.
         if storage.exists(manifest_path) and not force:

@@ -60,10 +60,13 @@ def test_runs_started_together_on_a_new_store_all_land_in_it(tmp_path):
     assert not (tmp_path / "out" / "mlflow_fallback.db").exists()
 
 
-def test_the_lock_file_is_named_after_the_database_file_not_the_uri(tmp_path):
+def test_the_lock_file_is_named_after_the_database_file_not_the_uri(tmp_path, monkeypatch):
     from pipeline.tracking import ready_store
 
     ready_store(f"sqlite:///{tmp_path}/runs.db?timeout=30")  # a query is not part of the file name
     assert sorted(p.name for p in tmp_path.iterdir()) == [".runs.db.lock", "runs.db"]
+    memory = tmp_path / "cwd"
+    memory.mkdir()
+    monkeypatch.chdir(memory)  # where a lock for the relative name ":memory:" would land
     ready_store("sqlite:///:memory:?cache=shared")  # nothing on disk to guard
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".runs.db.lock", "runs.db"]
+    assert list(memory.iterdir()) == []

@@ -10,9 +10,11 @@ epoch nothing waits on the host (sums stay on the device until the epoch ends).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -365,6 +367,26 @@ def check_diverged(stage: str, metrics: dict[str, Any] | None, opt_key: str) -> 
             f"nothing was published or registered. Lower {opt_key}.lr, set {opt_key}.grad_clip, or use train.amp=off")
 
 
+@contextmanager
+def _checkpoint_directory(checkpoint) -> Iterator[str]:
+    """The checkpoint's files in a local directory of this process's own.
+
+    Not ``Checkpoint.as_directory``: for a checkpoint in an object store it shares one temporary
+    folder per checkpoint among the processes of a node, and a rank that arrives after another
+    finished downloading downloads again into that folder, truncating files the other is reading
+    (the two-node test saw ``train_state.pt`` end early on resume)."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    local = tempfile.mkdtemp(prefix="resume-")
+    try:
+        yield checkpoint.to_directory(local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
     import ray.train
@@ -387,7 +409,7 @@ def train_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
     checkpoint = ray.train.get_checkpoint()
-    resume_ctx = checkpoint.as_directory() if checkpoint else None
+    resume_ctx = _checkpoint_directory(checkpoint) if checkpoint else None
     resume_dir = resume_ctx.__enter__() if resume_ctx else None
     try:
         stream = ray.train.get_dataset_shard("train") if config.get("data_mode") == "stream" else None
